@@ -1,0 +1,86 @@
+"""Split-engine overhead: split LoRA steps vs plain peft LoRA steps on the unsplit model, same batches.
+
+SmolLM2-135M, batch 8 x 64 tokens, rank 8 on q and v, split point 6. The two kinds of step alternate
+(their order flips every round) and the medians are compared. Writes bench/results/engine_overhead.json.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine, timed  # noqa: E402
+
+from hsplit_nb.adapters import add_adapters  # noqa: E402
+from hsplit_nb.data import E2EDataset, load_builtin, loader  # noqa: E402
+from hsplit_nb.io import atomic_write_json  # noqa: E402
+from hsplit_nb.models import load_model  # noqa: E402
+from hsplit_nb.split import split_model, split_step  # noqa: E402
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--steps", type=int, default=20, help="timed steps of each kind")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=64)
+    ap.add_argument("--split-point", type=int, default=6)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "engine_overhead.json"))
+    args = ap.parse_args(argv)
+
+    torch.manual_seed(0)
+    model, tok = load_model(args.model, device=args.device)
+    model = add_adapters(model, {"q": 8, "v": 8})
+    model.train()
+    data = E2EDataset(load_builtin("train"), tok, args.seq_len)
+    batches = [{k: v.to(args.device) for k, v in b.items()}
+               for _, b in zip(range(args.warmup + args.steps), loader(data, tok, args.batch_size, shuffle=True))]
+    # every batch is full width, so both kinds of step see exactly batch x seq_len tokens
+    batches = [b for b in batches if b["input_ids"].shape == (args.batch_size, args.seq_len)] or batches
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    plain_opt = torch.optim.AdamW(params, lr=1e-4)
+    client, server = split_model(model, args.split_point)
+    client_opt = torch.optim.AdamW([p for p in client.parameters() if p.requires_grad], lr=1e-4)
+    server_opt = torch.optim.AdamW([p for p in server.parameters() if p.requires_grad], lr=1e-4)
+
+    def plain(batch):
+        plain_opt.zero_grad(set_to_none=True)
+        model(**batch).loss.backward()
+        plain_opt.step()
+
+    def split(batch):
+        split_step(client, server, batch, client_opt, server_opt)
+
+    times = {"plain": [], "split": []}
+    for i in tqdm(range(args.warmup + args.steps), desc="alternating steps"):
+        batch = batches[i % len(batches)]
+        order = [("plain", plain), ("split", split)] if i % 2 == 0 else [("split", split), ("plain", plain)]
+        for name, fn in order:
+            t = timed(lambda: fn(batch), args.device)
+            if i >= args.warmup:
+                times[name].append(t)
+
+    med = {k: statistics.median(v) for k, v in times.items()}
+    result = {"benchmark": "engine_overhead", "model": args.model, "batch_size": args.batch_size,
+              "seq_len": args.seq_len, "split_point": args.split_point, "ranks": "q=8,v=8", "device": args.device,
+              "steps_each": args.steps, "median_seconds_plain": med["plain"], "median_seconds_split": med["split"],
+              "ratio_split_over_plain": med["split"] / med["plain"], "target_ratio_max": 1.05,
+              "machine": machine()}
+    print(f"plain peft LoRA step: median {med['plain']:.3f} s")
+    print(f"split LoRA step:      median {med['split']:.3f} s")
+    print(f"ratio split / plain:  {result['ratio_split_over_plain']:.3f} (target <= 1.05)")
+    atomic_write_json(args.out, result)
+    print(f"wrote {args.out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,54 @@
+"""Command line: `python -m hsplit_nb reproduce|make-data`."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _ranks(text: str) -> dict[str, int]:
+    try:
+        return {k.strip(): int(v) for k, v in (item.split("=") for item in text.split(","))}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"ranks must look like q=8,v=8, got {text!r}") from None
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m hsplit_nb", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    rep = sub.add_parser("reproduce", help="split LoRA fine-tune of SmolLM2-135M on the built-in data")
+    rep.add_argument("--model", default="smollm2-135m", help="smollm2-135m, tiny-llama, tiny-gpt2, a HF id or a dir")
+    rep.add_argument("--split-point", type=int, default=6)
+    rep.add_argument("--ranks", type=_ranks, default=None,
+                     help="ranks per matrix kind or name, e.g. q=8,v=8 (default: rank 8 on q and v)")
+    rep.add_argument("--steps", type=int, default=40)
+    rep.add_argument("--batch-size", type=int, default=8)
+    rep.add_argument("--seq-len", type=int, default=64)
+    rep.add_argument("--lr", type=float, default=1e-3)
+    rep.add_argument("--device", default="cpu")
+    rep.add_argument("--seed", type=int, default=0)
+    rep.add_argument("--out", default="results/quickstart")
+    data = sub.add_parser("make-data", help="regenerate the built-in data under data/builtin")
+    data.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    if args.command == "make-data":
+        from .data import write_builtin
+
+        for path in write_builtin(seed=args.seed):
+            print(path)
+        return 0
+
+    from .quickstart import QuickstartConfig, run_split_lora
+
+    cfg = QuickstartConfig(model=args.model, split_point=args.split_point, ranks=args.ranks, steps=args.steps,
+                           batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, device=args.device,
+                           seed=args.seed)
+    result = run_split_lora(cfg, args.out)
+    print(json.dumps({k: result[k] for k in ("ppl_before", "ppl_after", "train_seconds")}, indent=2))
+    print(f"validation PPL {result['ppl_before']:.3f} -> {result['ppl_after']:.3f}; results in {args.out}/")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,179 @@
+"""LoRA adapters through peft: candidate matrices, per-matrix ranks, and (A, B, scale) read/write/merge.
+
+Conventions: a matrix is named by its module path inside the transformers model (for example
+``model.layers.3.self_attn.q_proj`` or ``transformer.h.3.attn.c_attn``); its delta is always
+``scale * B @ A`` with shape (d_out, d_in), also for GPT-2's Conv1D whose weight is stored (d_in, d_out).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+from peft import LoraConfig, get_peft_model
+from peft.tuners.lora import LoraLayer
+
+from .models import family_of
+from .split import unwrap
+
+ADAPTER = "default"
+DEFAULT_ALPHA_OVER_R = 2.0
+
+# short kind -> module path inside one block
+CANDIDATES = {
+    "llama": {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
+              "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"},
+    "gpt2": {"c_attn": "attn.c_attn", "attn.c_proj": "attn.c_proj", "c_fc": "mlp.c_fc", "mlp.c_proj": "mlp.c_proj"},
+}
+_BLOCK_PREFIX = {"llama": "model.layers", "gpt2": "transformer.h"}
+
+
+@dataclass(frozen=True)
+class Matrix:
+    """One candidate weight matrix W (d_out x d_in) of one block."""
+    name: str
+    layer: int
+    kind: str
+    d_in: int
+    d_out: int
+
+    @property
+    def rank1_cost(self) -> int:
+        """Parameters of a rank-1 adapter on this matrix: c_m = d_in + d_out."""
+        return self.d_in + self.d_out
+
+
+def _shapes(config) -> dict[str, tuple[int, int]]:
+    """(d_in, d_out) of each candidate kind, from the config alone (no weights needed)."""
+    if family_of(config) == "llama":
+        h, inter = config.hidden_size, config.intermediate_size
+        head_dim = getattr(config, "head_dim", None) or h // config.num_attention_heads
+        q, kv = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
+        return {"q": (h, q), "k": (h, kv), "v": (h, kv), "o": (q, h), "gate": (h, inter), "up": (h, inter),
+                "down": (inter, h)}
+    h = config.n_embd
+    inner = config.n_inner or 4 * h
+    return {"c_attn": (h, 3 * h), "attn.c_proj": (h, h), "c_fc": (h, inner), "mlp.c_proj": (inner, h)}
+
+
+def candidate_matrices(model_or_config) -> list[Matrix]:
+    """Every candidate matrix of every block, in layer order."""
+    config = getattr(model_or_config, "config", model_or_config)
+    family = family_of(config)
+    n_layers = config.num_hidden_layers if family == "llama" else config.n_layer
+    shapes = _shapes(config)
+    return [Matrix(f"{_BLOCK_PREFIX[family]}.{layer}.{path}", layer, kind, *shapes[kind])
+            for layer in range(n_layers) for kind, path in CANDIDATES[family].items()]
+
+
+def resolve_ranks(model_or_config, ranks) -> dict[str, int]:
+    """Rank of every candidate matrix from an int (all), {kind: r} (every layer) or {matrix name: r}.
+
+    Names override kinds; matrices not mentioned get rank 0 (no adapter).
+    """
+    matrices = candidate_matrices(model_or_config)
+    if isinstance(ranks, int) and not isinstance(ranks, bool):
+        ranks = {m.kind: ranks for m in matrices}
+    if not isinstance(ranks, dict):
+        raise TypeError(f"ranks must be an int or a dict of kind/matrix name -> rank, got {type(ranks).__name__}")
+    kinds, names = {m.kind for m in matrices}, {m.name for m in matrices}
+    for key, r in ranks.items():
+        if key not in kinds and key not in names:
+            raise ValueError(f"unknown matrix {key!r}: use a kind ({', '.join(sorted(kinds))}) "
+                             f"or a full name such as {matrices[0].name!r}")
+        if isinstance(r, bool) or not isinstance(r, int) or r < 0:
+            raise ValueError(f"rank for {key!r} must be a non-negative integer, got {r!r}")
+    return {m.name: ranks.get(m.name, ranks.get(m.kind, 0)) for m in matrices}
+
+
+def lora_config(model_or_config, ranks, alpha_over_r: float = DEFAULT_ALPHA_OVER_R,
+                dropout: float = 0.0) -> LoraConfig:
+    """peft LoraConfig with per-matrix ranks (rank_pattern) and alpha = alpha_over_r * r (alpha_pattern)."""
+    resolved = {name: r for name, r in resolve_ranks(model_or_config, ranks).items() if r > 0}
+    if not resolved:
+        raise ValueError("every rank is 0: at least one matrix needs an adapter (rank > 0)")
+    if alpha_over_r <= 0:
+        raise ValueError(f"alpha_over_r must be positive, got {alpha_over_r!r}")
+    first = next(iter(resolved.values()))
+    config = getattr(model_or_config, "config", model_or_config)
+    return LoraConfig(
+        r=first, lora_alpha=alpha_over_r * first, lora_dropout=dropout, bias="none",
+        target_modules=sorted(resolved),
+        rank_pattern={re.escape(name): r for name, r in resolved.items()},
+        alpha_pattern={re.escape(name): alpha_over_r * r for name, r in resolved.items()},
+        fan_in_fan_out=family_of(config) == "gpt2",
+    )
+
+
+def add_adapters(model, ranks, alpha_over_r: float = DEFAULT_ALPHA_OVER_R, dropout: float = 0.0):
+    """Wrap `model` in a peft model with LoRA on the matrices of nonzero rank; base weights are frozen."""
+    return get_peft_model(model, lora_config(model, ranks, alpha_over_r, dropout))
+
+
+@dataclass
+class LoraFactors:
+    """One adapter: delta = scale * B @ A, A (r x d_in), B (d_out x r)."""
+    A: torch.Tensor
+    B: torch.Tensor
+    scale: float
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[0]
+
+    def delta(self) -> torch.Tensor:
+        return self.scale * (self.B @ self.A)
+
+
+def lora_layer(model, name: str) -> LoraLayer:
+    module = unwrap(model).get_submodule(name)
+    if not isinstance(module, LoraLayer) or ADAPTER not in module.lora_A:
+        raise KeyError(f"{name!r} carries no LoRA adapter")
+    return module
+
+
+def adapter_names(model) -> list[str]:
+    """Names of the matrices that carry an adapter."""
+    return [name for name, m in unwrap(model).named_modules() if isinstance(m, LoraLayer) and ADAPTER in m.lora_A]
+
+
+def read_adapter(model, name: str) -> LoraFactors:
+    """A copy of the adapter's factors and scale."""
+    layer = lora_layer(model, name)
+    return LoraFactors(layer.lora_A[ADAPTER].weight.detach().clone(), layer.lora_B[ADAPTER].weight.detach().clone(),
+                       float(layer.scaling[ADAPTER]))
+
+
+def write_adapter(model, name: str, A: torch.Tensor, B: torch.Tensor) -> None:
+    """Overwrite the adapter's factors in place (same rank; the optimizer keeps pointing at them)."""
+    layer = lora_layer(model, name)
+    a, b = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
+    if tuple(A.shape) != tuple(a.shape) or tuple(B.shape) != tuple(b.shape):
+        raise ValueError(f"{name}: expected A {tuple(a.shape)} and B {tuple(b.shape)}, "
+                         f"got A {tuple(A.shape)} and B {tuple(B.shape)}")
+    with torch.no_grad():
+        a.copy_(A)
+        b.copy_(B)
+
+
+def reset_adapter(model, name: str) -> None:
+    """Fresh adapter at the same rank: A random (peft's Kaiming init), B zero, so its delta is zero."""
+    lora_layer(model, name).reset_lora_parameters(ADAPTER, True)
+
+
+def base_weight(model, name: str) -> torch.nn.Parameter:
+    """The frozen weight of a matrix, whether or not it carries an adapter."""
+    module = unwrap(model).get_submodule(name)
+    return module.get_base_layer().weight if isinstance(module, LoraLayer) else module.weight
+
+
+def merge_delta(model, name: str, delta: torch.Tensor) -> None:
+    """Add a (d_out x d_in) delta to a matrix's frozen weight (transposed for GPT-2's Conv1D)."""
+    weight = base_weight(model, name)
+    stored_transposed = family_of(unwrap(model)) == "gpt2"
+    d = delta.T if stored_transposed else delta
+    if tuple(d.shape) != tuple(weight.shape):
+        raise ValueError(f"{name}: delta of shape {tuple(delta.shape)} does not fit a weight stored as "
+                         f"{tuple(weight.shape)}")
+    with torch.no_grad():
+        weight.add_(d.to(weight.dtype))

