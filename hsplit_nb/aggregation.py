@@ -1,0 +1,213 @@
+"""NAA (noise-free adapter aggregation) and the baselines' aggregators, per matrix.
+
+Every aggregator takes, for one matrix, the clients' adapters (LoraFactors, or None for a client that
+is absent or has rank 0 there) and their weights (data sizes n_k), and returns an `Aggregate`:
+a delta to fold into every copy of the frozen weight (as factors: a dense delta never travels) and/or
+new factors for each client's adapter. NAA and FLoRA merge and restart; FedAvg, HetLoRA and FlexLoRA
+send factors back.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .adapters import LoraFactors, adapter_names, base_weight, lora_layer, merge_delta, read_adapter, reset_adapter, write_adapter
+
+
+@dataclass
+class Stacked:
+    """Concatenated factors: B_cat (d_out x sum r_k) and A_cat (sum r_k x d_in); delta = B_cat @ A_cat."""
+    B: torch.Tensor
+    A: torch.Tensor
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[0]
+
+    def delta(self) -> torch.Tensor:
+        return self.B @ self.A
+
+
+@dataclass
+class Aggregate:
+    merge: Stacked | None = None  # folded into every copy of the frozen weight, then adapters restart
+    factors: list[tuple[torch.Tensor, torch.Tensor] | None] = field(default_factory=list)  # (A, B) per client
+
+
+def _present(adapters, weights):
+    if len(adapters) != len(weights):
+        raise ValueError(f"got {len(adapters)} adapters but {len(weights)} weights")
+    for w in weights:
+        if not (isinstance(w, (int, float)) and w >= 0):
+            raise ValueError(f"aggregation weights must be non-negative numbers (data sizes), got {w!r}")
+    idx = [k for k, (f, w) in enumerate(zip(adapters, weights)) if f is not None and f.rank > 0 and w > 0]
+    total = sum(weights[k] for k in idx)
+    return idx, {k: weights[k] / total for k in idx}
+
+
+def naa(adapters: list[LoraFactors | None], weights: list[float]) -> Stacked | None:
+    """B_cat = [p_1 c_1 B_1 | ... | p_K c_K B_K], A_cat = [A_1; ...; A_K], so B_cat A_cat = sum_k p_k c_k B_k A_k
+    exactly. Absent and rank-0 clients are skipped and p renormalised over the rest; None if nobody trained."""
+    idx, p = _present(adapters, weights)
+    if not idx:
+        return None
+    B = torch.cat([p[k] * adapters[k].scale * adapters[k].B for k in idx], dim=1)
+    A = torch.cat([adapters[k].A for k in idx], dim=0)
+    return Stacked(B, A)
+
+
+def naa_aggregate(adapters, weights) -> Aggregate:
+    return Aggregate(merge=naa(adapters, weights), factors=[None] * len(adapters))
+
+
+flora_aggregate = naa_aggregate  # FLoRA stacks exactly like NAA; the method differs in having no split
+
+
+def fedavg(adapters, weights) -> Aggregate:
+    """FedAvg of A and B separately (SplitLoRA's client-side aggregation): every client gets the averages.
+
+    The product of averages is not the average of products: the cross terms B_j A_k remain."""
+    idx, p = _present(adapters, weights)
+    if not idx:
+        return Aggregate(factors=[None] * len(adapters))
+    ranks = {adapters[k].rank for k in idx}
+    if len(ranks) != 1:
+        raise ValueError(f"fedavg needs equal ranks, got {sorted(ranks)}; use naa or hetlora for mixed ranks")
+    A = sum(p[k] * adapters[k].A for k in idx)
+    B = sum(p[k] * adapters[k].B for k in idx)
+    return Aggregate(factors=[(A.clone(), B.clone()) if f is not None and f.rank > 0 else None for f in adapters])
+
+
+def zero_pad_average(adapters, weights) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Zero-pad every client's (A, c B) to the largest rank of any client and average them separately
+    (weights p; a client of weight 0 still sets the padded rank but adds nothing)."""
+    idx, p = _present(adapters, weights)
+    if not idx:
+        return None
+    r_max = max(f.rank for f in adapters if f is not None)
+    f0 = adapters[idx[0]]
+    A = f0.A.new_zeros(r_max, f0.A.shape[1])
+    B = f0.B.new_zeros(f0.B.shape[0], r_max)
+    for k in idx:
+        f = adapters[k]
+        A[: f.rank] += p[k] * f.A
+        B[:, : f.rank] += p[k] * f.scale * f.B
+    return A, B
+
+
+def hetlora(adapters, weights=None) -> Aggregate:
+    """HetLoRA: zero-pad to the largest rank, weight each client by the Frobenius norm of its update
+    c_k B_k A_k (sparsity-weighted aggregation), then truncate to each client's own rank."""
+    norms = [float(f.delta().norm()) if f is not None and f.rank > 0 else 0.0 for f in adapters]
+    if weights is not None:  # absent clients (weight 0) stay out
+        norms = [n if w > 0 else 0.0 for n, w in zip(norms, weights)]
+    padded = zero_pad_average(adapters, norms) if sum(norms) > 0 else None
+    if padded is None:
+        return Aggregate(factors=[None] * len(adapters))
+    A, B = padded
+    return Aggregate(factors=[(A[: f.rank].clone(), B[:, : f.rank].clone() / f.scale) if f is not None and f.rank > 0
+                              else None for f in adapters])
+
+
+def hetlora_regulariser(model, gamma: float = 0.9) -> torch.Tensor:
+    """HetLoRA's rank self-pruning term: sum over adapters of ||B[:, tail]||_F * ||A[tail, :]||_F, where the
+    tail is the rank components from ceil(gamma * r) on. Add lambda times this to the loss."""
+    if not 0 < gamma < 1:
+        raise ValueError(f"gamma must be in (0, 1), got {gamma!r}")
+    terms = []
+    for name in adapter_names(model):
+        layer = lora_layer(model, name)
+        A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+        start = min(A.shape[0] - 1, int(torch.tensor(gamma * A.shape[0]).ceil()))
+        terms.append(B[:, start:].norm() * A[start:].norm())
+    return torch.stack(terms).sum() if terms else torch.zeros(())
+
+
+def flexlora(adapters, weights) -> Aggregate:
+    """FlexLoRA: average the full deltas, SVD, truncate to each client's rank (B = U sqrt(S) / c, A = sqrt(S) V^T)."""
+    idx, p = _present(adapters, weights)
+    if not idx:
+        return Aggregate(factors=[None] * len(adapters))
+    delta = sum(p[k] * adapters[k].delta() for k in idx)
+    U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
+    out = []
+    for f in adapters:
+        if f is None or f.rank == 0:
+            out.append(None)
+            continue
+        root = S[: f.rank].sqrt()
+        out.append(((root[:, None] * Vh[: f.rank]).clone(), (U[:, : f.rank] * root[None, :] / f.scale).clone()))
+    return Aggregate(factors=out)
+
+
+AGGREGATORS = {"naa": naa_aggregate, "flora": flora_aggregate, "fedavg": fedavg, "hetlora": hetlora,
+               "flexlora": flexlora}
+
+
+def get_aggregator(name: str):
+    if name not in AGGREGATORS:
+        raise ValueError(f"unknown aggregator {name!r}; choose one of {sorted(AGGREGATORS)}")
+    return AGGREGATORS[name]
+
+
+# ---- applying an aggregate ------------------------------------------------------------------
+
+def _forget(optimizers, model, name):
+    layer = lora_layer(model, name)
+    for opt in optimizers:
+        for param in (layer.lora_A["default"].weight, layer.lora_B["default"].weight):
+            opt.state.pop(param, None)
+
+
+def merge(copies, name: str, stacked: Stacked, adapters=(), optimizers=()) -> None:
+    """Fold B_cat A_cat into every copy of the frozen weight of `name`, then restart the adapters on it
+    (`adapters`: the models whose adapter on `name` restarts; A random, B zero, Adam state dropped)."""
+    delta = stacked.delta()
+    seen = set()
+    for model in copies:
+        w = base_weight(model, name).untyped_storage().data_ptr()
+        if w in seen:  # two views of one tensor: merge once
+            continue
+        seen.add(w)
+        merge_delta(model, name, delta)
+    for model in adapters:
+        reset_adapter(model, name)
+        _forget(optimizers, model, name)
+
+
+def load_factors(model, name: str, A: torch.Tensor, B: torch.Tensor, optimizers=()) -> None:
+    """Write aggregated factors back into a client's adapter and drop its Adam state."""
+    write_adapter(model, name, A, B)
+    _forget(optimizers, model, name)
+
+
+def read_all(models, name: str) -> list[LoraFactors | None]:
+    """Each model's adapter on `name`, or None where it has none."""
+    return [read_adapter(m, name) if name in adapter_names(m) else None for m in models]
+
+
+# ---- communication --------------------------------------------------------------------------
+
+def communication(aggregator: str, ranks: list[int], d_in: int, d_out: int, on_device: list[bool],
+                  bytes_per_value: int = 4) -> list[dict[str, int]]:
+    """Bytes each client uploads and downloads for one matrix in one aggregation.
+
+    Only device-side adapters travel (the server holds the others). Uploads: the client's own factors.
+    Downloads: NAA/FLoRA send B_cat and A_cat to every client hosting the layer (it merges locally);
+    FedAvg, HetLoRA and FlexLoRA send each device-side adapter its new factors.
+    """
+    get_aggregator(aggregator)
+    if len(ranks) != len(on_device):
+        raise ValueError(f"got {len(ranks)} ranks but {len(on_device)} on_device flags")
+    per_rank = (d_in + d_out) * bytes_per_value
+    total_rank = sum(ranks)
+    out = []
+    for r, dev in zip(ranks, on_device):
+        up = r * per_rank if dev else 0
+        if aggregator in ("naa", "flora"):
+            down = total_rank * per_rank if dev else 0
+        else:  # fedavg, hetlora, flexlora: factors at the client's own rank
+            down = r * per_rank if dev else 0
+        out.append({"up": up, "down": down})
+    return out

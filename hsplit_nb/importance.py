@@ -1,0 +1,164 @@
+"""IWI: Important Weight Identification with the resource-normalised gradient-weight product (RNGWP).
+
+RNGWP_m = sum_ij |W_m,ij * dL/dW_m,ij| / (d_in + d_out), from one calibration mini-batch; the
+tracker smooths it with a dynamic coefficient and decides when ARMSC must reconfigure.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from .adapters import base_weight, candidate_matrices
+from .split import split_model, unwrap
+
+
+@contextlib.contextmanager
+def _base_grads(model, names):
+    """Turn on requires_grad for the frozen base weights for one calibration, and always turn it off."""
+    weights = [base_weight(model, n) for n in names]
+    before = [w.requires_grad for w in weights]
+    try:
+        for w in weights:
+            w.requires_grad_(True)
+        yield weights
+    finally:
+        for w, flag in zip(weights, before):
+            w.requires_grad_(flag)
+
+
+def _score(weight: torch.Tensor, grad: torch.Tensor, cost: int) -> float:
+    return float((weight.detach() * grad).abs().sum()) / cost
+
+
+def rngwp_scores(model, batch: dict, split_point: int | None = None) -> dict[str, float]:
+    """RNGWP of every candidate matrix on one batch: {matrix name: S_m / (d_in + d_out)}.
+
+    Gradients come from torch.autograd.grad, so no `.grad` (base or adapter) is written, and the base
+    weights stop requiring grad afterwards. With `split_point`, the split protocol is followed: the server
+    scores its blocks, sends the smashed data's gradient down, and the client scores its own blocks; only
+    scalars would leave either side. The scores are the same either way.
+    """
+    matrices = candidate_matrices(unwrap(model).config)
+    names = [m.name for m in matrices]
+    cost = {m.name: m.rank1_cost for m in matrices}
+    was_training = model.training
+    model.eval()  # no dropout noise in the importance estimate
+    try:
+        with _base_grads(model, names) as weights:
+            if split_point is None:
+                loss = model(**batch).loss
+                grads = torch.autograd.grad(loss, weights)
+                return {n: _score(w, g, cost[n]) for n, w, g in zip(names, weights, grads)}
+            client, server = split_model(model, split_point)
+            smashed = client(batch["input_ids"], batch.get("attention_mask"))
+            received = smashed.detach().requires_grad_(True)
+            loss = server(received, batch.get("attention_mask"), batch["labels"]).loss
+            layer = {m.name: m.layer for m in matrices}
+            srv = [i for i, n in enumerate(names) if layer[n] >= split_point]
+            cli = [i for i, n in enumerate(names) if layer[n] < split_point]
+            server_grads = torch.autograd.grad(loss, [received] + [weights[i] for i in srv])
+            client_grads = torch.autograd.grad(smashed, [weights[i] for i in cli], grad_outputs=server_grads[0])
+            scores = {names[i]: _score(weights[i], g, cost[names[i]]) for i, g in zip(srv, server_grads[1:])}
+            scores.update({names[i]: _score(weights[i], g, cost[names[i]]) for i, g in zip(cli, client_grads)})
+            return {n: scores[n] for n in names}
+    finally:
+        model.train(was_training)
+
+
+class ImportanceTracker:
+    """Smoothed importance Ibar with the spec's dynamic beta, the global vector g, and the trigger.
+
+    Ibar(t) = beta_t * Ibar(t-1) + (1 - beta_t) * RNGWP(t),
+    beta_t = beta_max * (1 - 1/(t+1)) / (1 + Delta_t),  Delta_t = ||RNGWP(t) - Ibar(t-1)||_1 / ||Ibar(t-1)||_1,
+    with t = 0, 1, ... counting calibrations (so the first calibration sets Ibar = RNGWP).
+    """
+
+    def __init__(self, names, beta_max: float = 0.9, delta: float = 0.1):
+        if not 0 <= beta_max < 1:
+            raise ValueError(f"beta_max must be in [0, 1), got {beta_max!r}")
+        if not delta > 0:
+            raise ValueError(f"delta must be positive, got {delta!r}")
+        self.names = list(names)
+        if not self.names:
+            raise ValueError("ImportanceTracker needs at least one matrix name")
+        self.beta_max, self.delta = beta_max, delta
+        self.t = 0
+        self.ibar: torch.Tensor | None = None
+        self.history: list[dict] = []
+        self._g_config: torch.Tensor | None = None
+        self._budgets_config: dict | None = None
+        self._present_config: frozenset | None = None
+
+    def update(self, scores: dict[str, float]) -> dict:
+        """Fold one calibration's RNGWP scores in; returns beta, the fluctuation and the new g."""
+        missing = [n for n in self.names if n not in scores]
+        if missing:
+            raise ValueError(f"scores lack {len(missing)} matrices, e.g. {missing[:3]}")
+        r = torch.tensor([float(scores[n]) for n in self.names], dtype=torch.float64)
+        if not torch.isfinite(r).all() or (r < 0).any():
+            raise ValueError("RNGWP scores must be finite and non-negative")
+        if self.ibar is None:
+            beta, fluctuation = 0.0, None
+            self.ibar = r
+        else:
+            fluctuation = float((r - self.ibar).abs().sum() / self.ibar.abs().sum().clamp_min(1e-300))
+            beta = self.beta_max * (1 - 1 / (self.t + 1)) / (1 + fluctuation)
+            self.ibar = beta * self.ibar + (1 - beta) * r
+        record = {"t": self.t, "beta": beta, "fluctuation": fluctuation,
+                  "shift": self.shift() if self._g_config is not None else None}
+        self.history.append(record)
+        self.t += 1
+        return record
+
+    def importance(self) -> dict[str, float]:
+        """Ibar per matrix (what ARMSC ranks by)."""
+        self._need_data()
+        return dict(zip(self.names, self.ibar.tolist()))
+
+    def global_vector(self) -> dict[str, float]:
+        """g = Ibar / ||Ibar||_1 over all candidates of all layers."""
+        return dict(zip(self.names, self._g().tolist()))
+
+    def _g(self) -> torch.Tensor:
+        self._need_data()
+        return self.ibar / self.ibar.abs().sum().clamp_min(1e-300)
+
+    def _need_data(self):
+        if self.ibar is None:
+            raise RuntimeError("no calibration yet: call update() with RNGWP scores first")
+
+    def shift(self) -> float:
+        """||g(t) - g(t_last_config)||_1."""
+        if self._g_config is None:
+            raise RuntimeError("no configuration recorded yet: call configured() after planning")
+        return float((self._g() - self._g_config).abs().sum())
+
+    def configured(self, budgets: dict | None = None, present=None) -> None:
+        """Record the state a (re)configuration was planned from."""
+        self._g_config = self._g().clone()
+        self._budgets_config = dict(budgets or {})
+        self._present_config = frozenset(present) if present is not None else None
+
+    def trigger(self, budgets: dict | None = None, present=None) -> list[str]:
+        """Why ARMSC must reconfigure now (empty: it need not): never configured, importance moved more
+        than delta in L1, a budget changed, or a client left or returned."""
+        if self._g_config is None:
+            return ["no configuration yet"]
+        reasons = []
+        shift = self.shift()
+        if shift > self.delta:
+            reasons.append(f"importance shift {shift:.4f} > delta {self.delta}")
+        if budgets is not None:
+            changed = sorted(k for k in set(budgets) | set(self._budgets_config)
+                             if budgets.get(k) != self._budgets_config.get(k))
+            if changed:
+                reasons.append(f"budget changed for {', '.join(map(str, changed))}")
+        if present is not None and self._present_config is not None:
+            left = sorted(self._present_config - set(present))
+            back = sorted(set(present) - self._present_config)
+            if left:
+                reasons.append(f"left: {', '.join(map(str, left))}")
+            if back:
+                reasons.append(f"returned: {', '.join(map(str, back))}")
+        return reasons
