@@ -28,6 +28,8 @@ lab: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/engine_overhead.py
+	$(PY) bench/iwi_cost.py
+	$(PY) bench/memory_model.py
 
 clean-cache:
 	rm -rf $${HSPLIT_CACHE:-$$HOME/.cache/hsplit_nb}

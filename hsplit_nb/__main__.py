@@ -28,6 +28,9 @@ def main(argv=None) -> int:
     rep.add_argument("--device", default="cpu")
     rep.add_argument("--seed", type=int, default=0)
     rep.add_argument("--out", default="results/quickstart")
+    paper = sub.add_parser("plan-paper", help="ARMSC plans for LLaMA-2-7B and GPT-2-L at 5-20 GB (no weights)")
+    paper.add_argument("--batch-size", type=int, default=8)
+    paper.add_argument("--seq-len", type=int, default=128)
     data = sub.add_parser("make-data", help="regenerate the built-in data under data/builtin")
     data.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -37,6 +40,15 @@ def main(argv=None) -> int:
 
         for path in write_builtin(seed=args.seed):
             print(path)
+        return 0
+
+    if args.command == "plan-paper":
+        from .planner import paper_scale_plans
+
+        for name, p in paper_scale_plans(args.batch_size, args.seq_len).items():
+            print(f"### {name} (batch {args.batch_size} x {args.seq_len} tokens, fp16 weights; "
+                  f"step {p.step_latency * 1e3:.0f} ms simulated, server {p.server_time * 1e3:.0f} ms)\n")
+            print(p.frame().round(3).to_string(index=False) + "\n")
         return 0
 
     from .quickstart import QuickstartConfig, run_split_lora

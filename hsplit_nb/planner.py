@@ -529,3 +529,11 @@ def weight_bytes(config, dtype=torch.float32) -> int:
     extra = 2 * dims.d if dims.family == "gpt2" else dims.d
     untied = 0 if getattr(config, "tie_word_embeddings", True) else dims.vocab * dims.d
     return dtype_bytes(dtype) * (dims.emb_params + dims.n_layers * dims.block_params + extra + untied)
+
+
+def paper_scale_plans(batch_size: int = 8, seq_len: int = 128, n_clients: int = 5) -> dict[str, Plan]:
+    """ARMSC plans for LLaMA-2-7B and GPT-2-L (fp16 frozen weights) at the paper's 5-20 GB budgets,
+    uniform importance, default speeds (proportional to budget) and server (10x the richest)."""
+    clients = [ClientSpec(f"client{k}", b) for k, b in enumerate(paper_budgets(n_clients))]
+    return {name: plan(cfg, clients, batch_size=batch_size, seq_len=seq_len, dtype=torch.float16)
+            for name, cfg in paper_configs().items()}
