@@ -28,6 +28,11 @@ def main(argv=None) -> int:
     rep.add_argument("--device", default="cpu")
     rep.add_argument("--seed", type=int, default=0)
     rep.add_argument("--out", default="results/quickstart")
+    run = sub.add_parser("run", help="run an experiment from a JSON or YAML config")
+    run.add_argument("--config", required=True, help="ExperimentConfig as .json or .yaml")
+    run.add_argument("--data", help="'builtin' or a folder with devset.csv and testset_w_refs.csv (overrides the config)")
+    run.add_argument("--methods", nargs="+", help="methods to run (overrides the config)")
+    run.add_argument("--out", default="results/experiment", help="output folder (resumes if it holds a stopped run)")
     paper = sub.add_parser("plan-paper", help="ARMSC plans for LLaMA-2-7B and GPT-2-L at 5-20 GB (no weights)")
     paper.add_argument("--batch-size", type=int, default=8)
     paper.add_argument("--seq-len", type=int, default=128)
@@ -40,6 +45,23 @@ def main(argv=None) -> int:
 
         for path in write_builtin(seed=args.seed):
             print(path)
+        return 0
+
+    if args.command == "run":
+        import dataclasses
+
+        from .experiment import ExperimentConfig, run_experiment
+
+        cfg = ExperimentConfig.load(args.config)
+        if args.data:
+            cfg = dataclasses.replace(cfg, data=args.data)
+        df = run_experiment(cfg, args.methods, args.out)
+        final = df.sort_values("round").groupby("method", sort=False).tail(1)
+        print(final[["method", "round", "val_ppl", "sim_time_s", "wall_time_s"]].to_string(index=False))
+        metrics = df.attrs["metrics"]
+        if not metrics.empty:
+            print(metrics.drop(columns=["outputs"]).round(4).to_string(index=False))
+        print(f"results in {args.out}/")
         return 0
 
     if args.command == "plan-paper":

@@ -105,9 +105,15 @@ def lora_config(model_or_config, ranks, alpha_over_r: float = DEFAULT_ALPHA_OVER
     )
 
 
-def add_adapters(model, ranks, alpha_over_r: float = DEFAULT_ALPHA_OVER_R, dropout: float = 0.0):
-    """Wrap `model` in a peft model with LoRA on the matrices of nonzero rank; base weights are frozen."""
-    return get_peft_model(model, lora_config(model, ranks, alpha_over_r, dropout))
+def add_adapters(model, ranks, alpha_over_r: float = DEFAULT_ALPHA_OVER_R, dropout: float = 0.0,
+                 adapter: str = ADAPTER):
+    """LoRA on the matrices of nonzero rank, as adapter `adapter`: wraps a transformers model in a peft
+    model (base weights frozen), or adds one more named adapter to a peft model."""
+    config = lora_config(unwrap(model), ranks, alpha_over_r, dropout)
+    if unwrap(model) is model:
+        return get_peft_model(model, config, adapter_name=adapter)
+    model.add_adapter(adapter, config)
+    return model
 
 
 @dataclass
@@ -125,29 +131,39 @@ class LoraFactors:
         return self.scale * (self.B @ self.A)
 
 
-def lora_layer(model, name: str) -> LoraLayer:
+def lora_layer(model, name: str, adapter: str = ADAPTER) -> LoraLayer:
     module = unwrap(model).get_submodule(name)
-    if not isinstance(module, LoraLayer) or ADAPTER not in module.lora_A:
-        raise KeyError(f"{name!r} carries no LoRA adapter")
+    if not isinstance(module, LoraLayer) or adapter not in module.lora_A:
+        raise KeyError(f"{name!r} carries no LoRA adapter {adapter!r}")
     return module
 
 
-def adapter_names(model) -> list[str]:
-    """Names of the matrices that carry an adapter."""
-    return [name for name, m in unwrap(model).named_modules() if isinstance(m, LoraLayer) and ADAPTER in m.lora_A]
+def adapter_names(model, adapter: str = ADAPTER) -> list[str]:
+    """Names of the matrices that carry adapter `adapter`."""
+    return [name for name, m in unwrap(model).named_modules() if isinstance(m, LoraLayer) and adapter in m.lora_A]
 
 
-def read_adapter(model, name: str) -> LoraFactors:
+def adapter_parameters(model, adapter: str = ADAPTER, layers=None) -> list[torch.nn.Parameter]:
+    """The A and B weights of adapter `adapter` (optionally only on blocks in `layers`), in a fixed order."""
+    out = []
+    for name in adapter_names(model, adapter):
+        if layers is None or int(name.split(".")[2]) in layers:
+            layer = lora_layer(model, name, adapter)
+            out += [layer.lora_A[adapter].weight, layer.lora_B[adapter].weight]
+    return out
+
+
+def read_adapter(model, name: str, adapter: str = ADAPTER) -> LoraFactors:
     """A copy of the adapter's factors and scale."""
-    layer = lora_layer(model, name)
-    return LoraFactors(layer.lora_A[ADAPTER].weight.detach().clone(), layer.lora_B[ADAPTER].weight.detach().clone(),
-                       float(layer.scaling[ADAPTER]))
+    layer = lora_layer(model, name, adapter)
+    return LoraFactors(layer.lora_A[adapter].weight.detach().clone(), layer.lora_B[adapter].weight.detach().clone(),
+                       float(layer.scaling[adapter]))
 
 
-def write_adapter(model, name: str, A: torch.Tensor, B: torch.Tensor) -> None:
+def write_adapter(model, name: str, A: torch.Tensor, B: torch.Tensor, adapter: str = ADAPTER) -> None:
     """Overwrite the adapter's factors in place (same rank; the optimizer keeps pointing at them)."""
-    layer = lora_layer(model, name)
-    a, b = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
+    layer = lora_layer(model, name, adapter)
+    a, b = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
     if tuple(A.shape) != tuple(a.shape) or tuple(B.shape) != tuple(b.shape):
         raise ValueError(f"{name}: expected A {tuple(a.shape)} and B {tuple(b.shape)}, "
                          f"got A {tuple(A.shape)} and B {tuple(B.shape)}")
@@ -156,9 +172,9 @@ def write_adapter(model, name: str, A: torch.Tensor, B: torch.Tensor) -> None:
         b.copy_(B)
 
 
-def reset_adapter(model, name: str) -> None:
+def reset_adapter(model, name: str, adapter: str = ADAPTER) -> None:
     """Fresh adapter at the same rank: A random (peft's Kaiming init), B zero, so its delta is zero."""
-    lora_layer(model, name).reset_lora_parameters(ADAPTER, True)
+    lora_layer(model, name, adapter).reset_lora_parameters(adapter, True)
 
 
 def base_weight(model, name: str) -> torch.nn.Parameter:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .adapters import LoraFactors, adapter_names, base_weight, lora_layer, merge_delta, read_adapter, reset_adapter, write_adapter
+from .adapters import ADAPTER, LoraFactors, adapter_names, base_weight, lora_layer, merge_delta, read_adapter, reset_adapter, write_adapter
 
 
 @dataclass
@@ -33,6 +33,7 @@ class Stacked:
 class Aggregate:
     merge: Stacked | None = None  # folded into every copy of the frozen weight, then adapters restart
     factors: list[tuple[torch.Tensor, torch.Tensor] | None] = field(default_factory=list)  # (A, B) per client
+    global_delta: Stacked | None = None  # the global model's delta when nothing is merged (for evaluation)
 
 
 def _present(adapters, weights):
@@ -74,9 +75,13 @@ def fedavg(adapters, weights) -> Aggregate:
     ranks = {adapters[k].rank for k in idx}
     if len(ranks) != 1:
         raise ValueError(f"fedavg needs equal ranks, got {sorted(ranks)}; use naa or hetlora for mixed ranks")
+    scales = {adapters[k].scale for k in idx}
+    if len(scales) != 1:
+        raise ValueError(f"fedavg needs equal scales, got {sorted(scales)}")
     A = sum(p[k] * adapters[k].A for k in idx)
     B = sum(p[k] * adapters[k].B for k in idx)
-    return Aggregate(factors=[(A.clone(), B.clone()) if f is not None and f.rank > 0 else None for f in adapters])
+    return Aggregate(factors=[(A.clone(), B.clone()) if f is not None and f.rank > 0 else None for f in adapters],
+                     global_delta=Stacked(scales.pop() * B, A))
 
 
 def zero_pad_average(adapters, weights) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -96,29 +101,37 @@ def zero_pad_average(adapters, weights) -> tuple[torch.Tensor, torch.Tensor] | N
     return A, B
 
 
+def zeropad(adapters, weights) -> Aggregate:
+    """The no-NAA ablation: zero-pad A and c B to the largest rank, average them separately with data
+    weights p_k, and send each client the truncation to its own rank."""
+    padded = zero_pad_average(adapters, weights)
+    if padded is None:
+        return Aggregate(factors=[None] * len(adapters))
+    A, B = padded
+    return Aggregate(factors=[(A[: f.rank].clone(), B[:, : f.rank].clone() / f.scale) if f is not None and f.rank > 0
+                              else None for f in adapters], global_delta=Stacked(B, A))
+
+
 def hetlora(adapters, weights=None) -> Aggregate:
     """HetLoRA: zero-pad to the largest rank, weight each client by the Frobenius norm of its update
     c_k B_k A_k (sparsity-weighted aggregation), then truncate to each client's own rank."""
     norms = [float(f.delta().norm()) if f is not None and f.rank > 0 else 0.0 for f in adapters]
     if weights is not None:  # absent clients (weight 0) stay out
         norms = [n if w > 0 else 0.0 for n, w in zip(norms, weights)]
-    padded = zero_pad_average(adapters, norms) if sum(norms) > 0 else None
-    if padded is None:
+    if sum(norms) == 0:
         return Aggregate(factors=[None] * len(adapters))
-    A, B = padded
-    return Aggregate(factors=[(A[: f.rank].clone(), B[:, : f.rank].clone() / f.scale) if f is not None and f.rank > 0
-                              else None for f in adapters])
+    return zeropad(adapters, norms)
 
 
-def hetlora_regulariser(model, gamma: float = 0.9) -> torch.Tensor:
+def hetlora_regulariser(model, gamma: float = 0.9, adapter: str = ADAPTER) -> torch.Tensor:
     """HetLoRA's rank self-pruning term: sum over adapters of ||B[:, tail]||_F * ||A[tail, :]||_F, where the
     tail is the rank components from ceil(gamma * r) on. Add lambda times this to the loss."""
     if not 0 < gamma < 1:
         raise ValueError(f"gamma must be in (0, 1), got {gamma!r}")
     terms = []
-    for name in adapter_names(model):
-        layer = lora_layer(model, name)
-        A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    for name in adapter_names(model, adapter):
+        layer = lora_layer(model, name, adapter)
+        A, B = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
         start = min(A.shape[0] - 1, int(torch.tensor(gamma * A.shape[0]).ceil()))
         terms.append(B[:, start:].norm() * A[start:].norm())
     return torch.stack(terms).sum() if terms else torch.zeros(())
@@ -138,11 +151,12 @@ def flexlora(adapters, weights) -> Aggregate:
             continue
         root = S[: f.rank].sqrt()
         out.append(((root[:, None] * Vh[: f.rank]).clone(), (U[:, : f.rank] * root[None, :] / f.scale).clone()))
-    return Aggregate(factors=out)
+    return Aggregate(factors=out, global_delta=naa(adapters, weights))
 
 
 AGGREGATORS = {"naa": naa_aggregate, "flora": flora_aggregate, "fedavg": fedavg, "hetlora": hetlora,
-               "flexlora": flexlora}
+               "flexlora": flexlora, "zeropad": zeropad}
+MERGING = ("naa", "flora")  # aggregators that fold the aggregate into the frozen weights and restart
 
 
 def get_aggregator(name: str):
@@ -153,16 +167,17 @@ def get_aggregator(name: str):
 
 # ---- applying an aggregate ------------------------------------------------------------------
 
-def _forget(optimizers, model, name):
-    layer = lora_layer(model, name)
+def _forget(optimizers, model, name, adapter=ADAPTER):
+    layer = lora_layer(model, name, adapter)
     for opt in optimizers:
-        for param in (layer.lora_A["default"].weight, layer.lora_B["default"].weight):
+        for param in (layer.lora_A[adapter].weight, layer.lora_B[adapter].weight):
             opt.state.pop(param, None)
 
 
 def merge(copies, name: str, stacked: Stacked, adapters=(), optimizers=()) -> None:
     """Fold B_cat A_cat into every copy of the frozen weight of `name`, then restart the adapters on it
-    (`adapters`: the models whose adapter on `name` restarts; A random, B zero, Adam state dropped)."""
+    (`adapters`: models, or (model, adapter name) pairs, whose adapter on `name` restarts at its rank;
+    A random, B zero, Adam state dropped)."""
     delta = stacked.delta()
     seen = set()
     for model in copies:
@@ -171,15 +186,16 @@ def merge(copies, name: str, stacked: Stacked, adapters=(), optimizers=()) -> No
             continue
         seen.add(w)
         merge_delta(model, name, delta)
-    for model in adapters:
-        reset_adapter(model, name)
-        _forget(optimizers, model, name)
+    for entry in adapters:
+        model, adapter = entry if isinstance(entry, tuple) else (entry, ADAPTER)
+        reset_adapter(model, name, adapter)
+        _forget(optimizers, model, name, adapter)
 
 
-def load_factors(model, name: str, A: torch.Tensor, B: torch.Tensor, optimizers=()) -> None:
+def load_factors(model, name: str, A: torch.Tensor, B: torch.Tensor, optimizers=(), adapter: str = ADAPTER) -> None:
     """Write aggregated factors back into a client's adapter and drop its Adam state."""
-    write_adapter(model, name, A, B)
-    _forget(optimizers, model, name)
+    write_adapter(model, name, A, B, adapter)
+    _forget(optimizers, model, name, adapter)
 
 
 def read_all(models, name: str) -> list[LoraFactors | None]:
@@ -195,7 +211,7 @@ def communication(aggregator: str, ranks: list[int], d_in: int, d_out: int, on_d
 
     Only device-side adapters travel (the server holds the others). Uploads: the client's own factors.
     Downloads: NAA/FLoRA send B_cat and A_cat to every client hosting the layer (it merges locally);
-    FedAvg, HetLoRA and FlexLoRA send each device-side adapter its new factors.
+    FedAvg, HetLoRA, FlexLoRA and zero-padding send each device-side adapter its new factors.
     """
     get_aggregator(aggregator)
     if len(ranks) != len(on_device):
@@ -207,7 +223,7 @@ def communication(aggregator: str, ranks: list[int], d_in: int, d_out: int, on_d
         up = r * per_rank if dev else 0
         if aggregator in ("naa", "flora"):
             down = total_rank * per_rank if dev else 0
-        else:  # fedavg, hetlora, flexlora: factors at the client's own rank
+        else:  # fedavg, hetlora, flexlora, zeropad: factors at the client's own rank
             down = r * per_rank if dev else 0
         out.append({"up": up, "down": down})
     return out

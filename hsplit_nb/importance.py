@@ -149,16 +149,21 @@ class ImportanceTracker:
         shift = self.shift()
         if shift > self.delta:
             reasons.append(f"importance shift {shift:.4f} > delta {self.delta}")
-        if budgets is not None:
-            changed = sorted(k for k in set(budgets) | set(self._budgets_config)
-                             if budgets.get(k) != self._budgets_config.get(k))
-            if changed:
-                reasons.append(f"budget changed for {', '.join(map(str, changed))}")
-        if present is not None and self._present_config is not None:
-            left = sorted(self._present_config - set(present))
-            back = sorted(set(present) - self._present_config)
-            if left:
-                reasons.append(f"left: {', '.join(map(str, left))}")
-            if back:
-                reasons.append(f"returned: {', '.join(map(str, back))}")
+        reasons += resource_changes(self._budgets_config, self._present_config, budgets, present)
         return reasons
+
+
+def resource_changes(old_budgets: dict | None, old_present, budgets: dict | None = None, present=None) -> list[str]:
+    """Reasons to reconfigure other than importance: budgets that changed, clients that left or returned."""
+    reasons = []
+    if budgets is not None and old_budgets is not None:
+        changed = sorted(k for k in set(budgets) | set(old_budgets) if budgets.get(k) != old_budgets.get(k))
+        if changed:
+            reasons.append(f"budget changed for {', '.join(map(str, changed))}")
+    if present is not None and old_present is not None:
+        left, back = sorted(set(old_present) - set(present)), sorted(set(present) - set(old_present))
+        if left:
+            reasons.append(f"left: {', '.join(map(str, left))}")
+        if back:
+            reasons.append(f"returned: {', '.join(map(str, back))}")
+    return reasons

@@ -132,6 +132,23 @@ def load_model(name_or_path: str = SMOLLM2, dtype: torch.dtype = torch.float32, 
     return model.to(device=device, dtype=dtype), tokenizer
 
 
+def model_config(name_or_path: str = SMOLLM2):
+    """The config of a model that `load_model` would load, without loading its weights."""
+    from transformers import AutoConfig
+
+    name = str(name_or_path)
+    if name in TINY_NAMES:
+        return tiny_model(TINY_NAMES[name])[0].config
+    source = ensure_smollm2_cache() if name.lower() == SMOLLM2 else name
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except OSError as exc:
+        raise ValueError(f"could not load the config of model {name!r}: not a known name, a local model "
+                         f"directory, or a reachable Hugging Face id ({str(exc).splitlines()[0]})") from exc
+    family_of(config)
+    return config
+
+
 def byte_tokenizer() -> PreTrainedTokenizerFast:
     """A byte-level tokenizer built in code (256 byte tokens + 3 specials): no files, no hub."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers

@@ -1,0 +1,66 @@
+"""Experiment configs: JSON/YAML round trips, clear errors before training, the CLI."""
+import json
+
+import pandas as pd
+import pytest
+
+from conftest import REPO, e2e_dir
+from hsplit_nb.__main__ import main
+from hsplit_nb.experiment import ExperimentConfig, load_splits, run_experiment
+
+
+def test_config_round_trips_through_json_and_yaml(tmp_path):
+    cfg = ExperimentConfig(model="tiny-gpt2", budgets=[1e6, 2e6], num_clients=2, budget_unit="bytes",
+                           events=[{"type": "budget", "client": "c1", "round": 2, "memory": 3e6}])
+    for suffix in (".json", ".yaml"):
+        cfg.save(tmp_path / f"c{suffix}")
+        assert ExperimentConfig.load(tmp_path / f"c{suffix}") == cfg
+    with pytest.raises(ValueError, match=r"unknown config field\(s\) \['learning_rate'\]"):
+        ExperimentConfig.from_dict({"learning_rate": 1})
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        ExperimentConfig.load(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(methods=["hsplitlora", "fedprox"]), r"'methods': 'fedprox' is not allowed; choose from"),
+    (dict(budgets=[1e6, -5.0, 2e6]), r"'budgets': -5.0 is not allowed"),
+    (dict(budgets=[1e6]), r"'budgets': \[1000000.0\] is not allowed; one budget per client \(3\)"),
+    (dict(split_points=[1, 4, 2]), r"'split_points': 4 is not allowed; split points must be integers in \[1, 3\]"),
+    (dict(data="/no/such/folder"), r"'data': '/no/such/folder' is not allowed"),
+    (dict(rounds=0), r"'rounds': 0 is not allowed; a positive integer"),
+    (dict(partition="zipf"), r"'partition': 'zipf'"),
+    (dict(events=[{"type": "dropout", "client": "c7", "start": 1, "end": 2}]), r"'events\[0\]\.client': 'c7'"),
+    (dict(rank_levels=[2, 4]), r"'rank_levels'"),
+])
+def test_bad_configs_fail_before_training_naming_the_field(change, match):
+    cfg = ExperimentConfig(model="tiny-llama", num_clients=3, budgets=[1e6, 2e6, 3e6], budget_unit="bytes")
+    cfg = ExperimentConfig(**{**cfg.to_dict(), **change})
+    with pytest.raises(ValueError, match=match):
+        run_experiment(cfg, progress=False)
+
+
+def test_e2e_folder_splits():
+    d = e2e_dir()
+    splits = load_splits(ExperimentConfig(data=str(d), val_examples=50, eval_mrs=10))
+    assert len(splits.val) == 50 and len(splits.test) == 10
+    assert not set(splits.val["mr"]) & set(splits.train["mr"])  # validation MRs are held out
+    assert splits.test["refs"].map(len).min() >= 1
+    assert len(splits.train) + len(set(splits.val["mr"])) > 4000
+
+
+def test_cli_runs_the_quick_config_on_e2e_data(tmp_path, capsys):
+    d = e2e_dir()
+    cfg = ExperimentConfig.load(REPO / "configs" / "quick.yaml")
+    small = ExperimentConfig(**{**cfg.to_dict(), "rounds": 1, "local_steps": 2, "eval_mrs": 2, "max_new_tokens": 6,
+                                "events": []})
+    small.save(tmp_path / "c.json")
+    out = tmp_path / "out"
+    assert main(["run", "--config", str(tmp_path / "c.json"), "--data", str(d), "--methods", "hsplitlora",
+                 "splitlora", "--out", str(out)]) == 0
+    results = pd.read_csv(out / "results.csv")
+    assert set(results["method"]) == {"hsplitlora", "splitlora"} and results["round"].max() == 1
+    assert json.loads((out / "config.json").read_text())["data"] == str(d)
+    assert set(pd.read_csv(out / "metrics.csv").columns) >= {"BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr"}
+    for f in ("ppl_rounds.png", "ppl_time.png", "bytes_per_round.png"):
+        assert (out / f).stat().st_size > 1000
+    assert "results in" in capsys.readouterr().out

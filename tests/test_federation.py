@@ -1,0 +1,148 @@
+"""The federation on tiny models: every method learns, NAA with one client is centralised LoRA with merges,
+dropouts exclude the absent client, and a stopped run resumes to the same numbers."""
+import dataclasses
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from hsplit_nb.adapters import adapter_names, add_adapters, base_weight, merge_delta, read_adapter, reset_adapter
+from hsplit_nb.data import E2EDataset, Collator, load_builtin
+from hsplit_nb.experiment import ExperimentConfig, run_experiment
+from hsplit_nb.federation import Client, FedSettings, Federation
+from hsplit_nb.methods import METHODS, get_method
+from hsplit_nb.models import tiny_model
+from hsplit_nb.planner import ClientSpec
+
+QUICK = dict(model="tiny-llama", num_clients=3, budgets=[4.5e6, 8e6, 11.5e6], budget_unit="bytes", rounds=2,
+             local_steps=3, batch_size=4, seq_len=256, lr=3e-3, iwi_interval=2, val_examples=16, eval_mrs=3,
+             num_beams=1, max_new_tokens=8, final_metrics=False)
+
+
+def test_every_method_runs_two_rounds_and_learns():
+    df = run_experiment(ExperimentConfig(**QUICK, methods=list(METHODS)), progress=False)
+    assert set(df["method"]) == set(METHODS)
+    for name, part in df.groupby("method"):
+        part = part.set_index("round")
+        assert part.loc[2, "val_ppl"] < part.loc[0, "val_ppl"], name
+        assert part.loc[2, "train_loss"] < part.loc[1, "train_loss"], name
+        assert part.loc[2, "sim_time_s"] > part.loc[1, "sim_time_s"] > 0, name
+    split = df[df["method"] == "hsplitlora"].iloc[-1]
+    assert split["bytes_up"] > 0 and split["bytes_down"] > 0
+    assert split["trainable_client_params"] > 0 and split["trainable_server_params"] > 0
+    cen = df[df["method"] == "cenlora"].iloc[-1]
+    assert cen["bytes_up"] == 0 and cen["trainable_client_params"] == 0
+
+
+def _one_client_federation(seed=0, rounds=2, local_steps=3):
+    model, tok = tiny_model("llama")
+    data = E2EDataset(load_builtin("train").head(40), tok, 256)
+    client = Client("c0", ClientSpec("c0", 11.5e6, speed=1e9), list(range(40)))
+    settings = FedSettings(local_steps=local_steps, batch_size=4, seq_len=256, lr=3e-3, seed=seed,
+                           split_points=[2])
+    fed = Federation(model, tok, get_method("hsplitlora-no-iwi"), [client], data, settings)
+    torch.manual_seed(seed)
+    fed.start()
+    return fed, data, tok
+
+
+def test_one_client_naa_equals_centralised_lora_with_the_same_merges():
+    rounds, steps = 3, 3
+    fed, data, tok = _one_client_federation(rounds=rounds, local_steps=steps)
+    ranks = dict(fed.clients[0].ranks)
+    assert fed.clients[0].split_point == 2 and any(ranks.values())
+    for r in range(1, rounds + 1):
+        fed.begin_round(r)
+        fed.run_round(r)
+
+    # the reference: one unsplit model, plain LoRA steps on the same batches, the same merges and restarts
+    model, _ = tiny_model("llama")
+    torch.manual_seed(0)
+    pm = add_adapters(model, ranks)
+    collate = Collator(tok.pad_token_id)
+    order_state = {"epoch": 0, "pos": 0}
+
+    def next_batch():
+        items = []
+        while len(items) < 4:
+            order = np.random.default_rng([0, 0, order_state["epoch"]]).permutation(40)
+            take = order[order_state["pos"]:order_state["pos"] + 4 - len(items)]
+            items += [data[int(i)] for i in take]
+            order_state["pos"] += len(take)
+            if order_state["pos"] >= 40:
+                order_state["epoch"], order_state["pos"] = order_state["epoch"] + 1, 0
+        return collate(items)
+
+    names = adapter_names(pm)
+    for _ in range(rounds):
+        opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=3e-3)
+        pm.train()
+        for _ in range(steps):
+            opt.zero_grad()
+            pm(**next_batch()).loss.backward()
+            opt.step()
+        for n in names:
+            merge_delta(pm, n, read_adapter(pm, n).delta())
+            reset_adapter(pm, n)
+    for n in names:
+        torch.testing.assert_close(base_weight(fed.pm, n), base_weight(pm, n), atol=1e-5, rtol=0)
+        torch.testing.assert_close(read_adapter(fed.pm, n, "c0").A, read_adapter(pm, n).A, atol=1e-5, rtol=0)
+
+
+def test_dropout_keeps_others_training_and_excludes_the_absent_weight(monkeypatch):
+    cfg = ExperimentConfig(**{**QUICK, "rounds": 3}, methods=["hsplitlora-no-iwi"],
+                           events=[{"type": "dropout", "client": "c1", "start": 2, "end": 2}])
+    seen = []
+    from hsplit_nb import aggregation
+
+    real = aggregation.naa_aggregate
+
+    def spy(adapters, weights):
+        seen.append(list(weights))
+        return real(adapters, weights)
+
+    monkeypatch.setitem(aggregation.AGGREGATORS, "naa", spy)
+    df = run_experiment(cfg, progress=False)
+    clients = df.attrs["clients"]
+    r2 = clients[clients["round"] == 2].set_index("client")
+    assert not r2.loc["c1", "present"] and r2.loc["c1", "smashed_up"] == 0 and r2.loc["c1", "adapter_up"] == 0
+    assert r2.loc["c0", "smashed_up"] > 0 and r2.loc["c2", "smashed_up"] > 0
+    rows = df.set_index("round")
+    assert rows.loc[2, "present"] == 2 and "left: c1" in rows.loc[2, "reasons"]
+    assert "returned: c1" in rows.loc[3, "reasons"] and rows.loc[3, "reconfigured"]
+    assert clients[(clients["round"] == 3)].set_index("client").loc["c1", "weights_down"] > 0  # catches up
+    per_round = len(seen) // 3
+    round2 = seen[per_round:2 * per_round]
+    assert round2 and all(w[1] == 0 for w in round2 if len(w) == 3)
+    assert all(w[1] > 0 for w in seen[:per_round] if len(w) == 3)
+
+
+def test_resume_after_a_stop_gives_the_same_numbers(tmp_path):
+    cfg = ExperimentConfig(**{**QUICK, "rounds": 3, "final_metrics": True}, methods=["hsplitlora", "splitlora"])
+    whole = run_experiment(cfg, out_dir=tmp_path / "whole", progress=False)
+
+    class Stop(Exception):
+        pass
+
+    def stop_after(method, row):
+        if method == "hsplitlora" and row["round"] == 2:
+            raise Stop
+
+    with pytest.raises(Stop):
+        run_experiment(cfg, out_dir=tmp_path / "cut", progress=False, on_round=stop_after)
+    assert (tmp_path / "cut" / "checkpoints" / "hsplitlora.pt").is_file()
+    resumed = run_experiment(cfg, out_dir=tmp_path / "cut", progress=False)
+    cols = [c for c in whole.columns if c not in ("wall_time_s",)]
+    pd.testing.assert_frame_equal(resumed[cols].reset_index(drop=True), whole[cols].reset_index(drop=True))
+    m1, m2 = whole.attrs["metrics"], resumed.attrs["metrics"]
+    pd.testing.assert_frame_equal(m1.reset_index(drop=True), m2.reset_index(drop=True))
+    assert not (tmp_path / "cut" / "checkpoints" / "hsplitlora.pt").exists()
+    for f in ("results.csv", "clients.csv", "metrics.csv", "config.json", "ppl_rounds.png", "ppl_time.png",
+              "bytes_per_round.png"):
+        assert (tmp_path / "cut" / f).is_file(), f
+    # a finished run started again does nothing new
+    again = run_experiment(cfg, out_dir=tmp_path / "cut", progress=False)
+    pd.testing.assert_frame_equal(again[cols].reset_index(drop=True), whole[cols].reset_index(drop=True))
+    with pytest.raises(ValueError, match="different config"):
+        run_experiment(dataclasses.replace(cfg, lr=1e-2), out_dir=tmp_path / "cut", progress=False)
