@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.hsplit-installed
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: install test reproduce lab bench clean-cache
+.PHONY: install test reproduce quickstart lab bench clean-cache
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +21,10 @@ test: $(STAMP)
 	$(PY) -m pytest
 
 reproduce: $(STAMP)
-	$(PY) -m hsplit_nb reproduce --out results/quickstart
+	$(PY) -m hsplit_nb reproduce --out results/notebooks
+
+quickstart: $(STAMP)
+	$(PY) -m hsplit_nb quickstart --out results/quickstart
 
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab notebooks/

@@ -11,39 +11,21 @@ import sys
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, timed  # noqa: E402
+from _common import add_step_args, alternate, lora_setup, machine  # noqa: E402
 
-from hsplit_nb.adapters import add_adapters  # noqa: E402
-from hsplit_nb.data import E2EDataset, load_builtin, loader  # noqa: E402
 from hsplit_nb.io import atomic_write_json  # noqa: E402
-from hsplit_nb.models import load_model  # noqa: E402
 from hsplit_nb.split import split_model, split_step  # noqa: E402
 
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--steps", type=int, default=20, help="timed steps of each kind")
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--seq-len", type=int, default=64)
-    ap.add_argument("--split-point", type=int, default=6)
-    ap.add_argument("--device", default="cpu")
+    add_step_args(ap, steps=20)
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "engine_overhead.json"))
     args = ap.parse_args(argv)
 
-    torch.manual_seed(0)
-    model, tok = load_model(args.model, device=args.device)
-    model = add_adapters(model, {"q": 8, "v": 8})
-    model.train()
-    data = E2EDataset(load_builtin("train"), tok, args.seq_len)
-    batches = [{k: v.to(args.device) for k, v in b.items()}
-               for _, b in zip(range(args.warmup + args.steps), loader(data, tok, args.batch_size, shuffle=True))]
-    # every batch is full width, so both kinds of step see exactly batch x seq_len tokens
-    batches = [b for b in batches if b["input_ids"].shape == (args.batch_size, args.seq_len)] or batches
+    model, tok, batches = lora_setup(args)
 
     params = [p for p in model.parameters() if p.requires_grad]
     plain_opt = torch.optim.AdamW(params, lr=1e-4)
@@ -59,15 +41,7 @@ def main(argv=None) -> dict:
     def split(batch):
         split_step(client, server, batch, client_opt, server_opt)
 
-    times = {"plain": [], "split": []}
-    for i in tqdm(range(args.warmup + args.steps), desc="alternating steps"):
-        batch = batches[i % len(batches)]
-        order = [("plain", plain), ("split", split)] if i % 2 == 0 else [("split", split), ("plain", plain)]
-        for name, fn in order:
-            t = timed(lambda: fn(batch), args.device)
-            if i >= args.warmup:
-                times[name].append(t)
-
+    times = alternate({"plain": plain, "split": split}, batches, args.warmup, args.device)
     med = {k: statistics.median(v) for k, v in times.items()}
     result = {"benchmark": "engine_overhead", "model": args.model, "batch_size": args.batch_size,
               "seq_len": args.seq_len, "split_point": args.split_point, "ranks": "q=8,v=8", "device": args.device,

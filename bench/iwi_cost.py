@@ -11,51 +11,29 @@ import sys
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, timed  # noqa: E402
+from _common import add_step_args, alternate, lora_setup, machine  # noqa: E402
 
-from hsplit_nb.adapters import add_adapters  # noqa: E402
-from hsplit_nb.data import E2EDataset, load_builtin, loader  # noqa: E402
 from hsplit_nb.importance import rngwp_scores  # noqa: E402
 from hsplit_nb.io import atomic_write_json  # noqa: E402
-from hsplit_nb.models import load_model  # noqa: E402
 from hsplit_nb.split import split_model, split_step  # noqa: E402
 
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--seq-len", type=int, default=64)
-    ap.add_argument("--split-point", type=int, default=6)
-    ap.add_argument("--device", default="cpu")
+    add_step_args(ap, steps=10)
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "iwi_cost.json"))
     args = ap.parse_args(argv)
 
-    torch.manual_seed(0)
-    model, tok = load_model(args.model, device=args.device)
-    model = add_adapters(model, {"q": 8, "v": 8})
-    model.train()
-    data = E2EDataset(load_builtin("train"), tok, args.seq_len)
-    batches = [{k: v.to(args.device) for k, v in b.items()}
-               for _, b in zip(range(args.warmup + args.steps), loader(data, tok, args.batch_size, shuffle=True))]
+    model, tok, batches = lora_setup(args)
     client, server = split_model(model, args.split_point)
     copt = torch.optim.AdamW([p for p in client.parameters() if p.requires_grad], lr=1e-4)
     sopt = torch.optim.AdamW([p for p in server.parameters() if p.requires_grad], lr=1e-4)
 
     kinds = {"lora_step": lambda b: split_step(client, server, b, copt, sopt),
              "calibration": lambda b: rngwp_scores(model, b, split_point=args.split_point)}
-    times = {k: [] for k in kinds}
-    for i in tqdm(range(args.warmup + args.steps), desc="alternating steps"):
-        order = list(kinds) if i % 2 == 0 else list(reversed(kinds))
-        for name in order:
-            t = timed(lambda: kinds[name](batches[i]), args.device)
-            if i >= args.warmup:
-                times[name].append(t)
+    times = alternate(kinds, batches, args.warmup, args.device)
     med = {k: statistics.median(v) for k, v in times.items()}
     ratio = med["calibration"] / med["lora_step"]
     print(f"ordinary split LoRA step: median {med['lora_step']:.3f} s")

@@ -1,4 +1,4 @@
-"""Command line: `python -m hsplit_nb reproduce|make-data`."""
+"""Command line: `python -m hsplit_nb reproduce|quickstart|run|plan-paper|make-data`."""
 from __future__ import annotations
 
 import argparse
@@ -16,18 +16,22 @@ def _ranks(text: str) -> dict[str, int]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m hsplit_nb", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    rep = sub.add_parser("reproduce", help="split LoRA fine-tune of SmolLM2-135M on the built-in data")
-    rep.add_argument("--model", default="smollm2-135m", help="smollm2-135m, tiny-llama, tiny-gpt2, a HF id or a dir")
-    rep.add_argument("--split-point", type=int, default=6)
-    rep.add_argument("--ranks", type=_ranks, default=None,
+    rep = sub.add_parser("reproduce", help="execute every notebook (full mode) into results/notebooks")
+    rep.add_argument("--quick", action="store_true", help="quick mode (tiny model), as CI runs them")
+    rep.add_argument("--only", nargs="+", help="notebooks to run, e.g. 01 03_armsc")
+    rep.add_argument("--out", default="results/notebooks")
+    qs = sub.add_parser("quickstart", help="split LoRA fine-tune of SmolLM2-135M on the built-in data")
+    qs.add_argument("--model", default="smollm2-135m", help="smollm2-135m, tiny-llama, tiny-gpt2, a HF id or a dir")
+    qs.add_argument("--split-point", type=int, default=6)
+    qs.add_argument("--ranks", type=_ranks, default=None,
                      help="ranks per matrix kind or name, e.g. q=8,v=8 (default: rank 8 on q and v)")
-    rep.add_argument("--steps", type=int, default=40)
-    rep.add_argument("--batch-size", type=int, default=8)
-    rep.add_argument("--seq-len", type=int, default=64)
-    rep.add_argument("--lr", type=float, default=1e-3)
-    rep.add_argument("--device", default="cpu")
-    rep.add_argument("--seed", type=int, default=0)
-    rep.add_argument("--out", default="results/quickstart")
+    qs.add_argument("--steps", type=int, default=40)
+    qs.add_argument("--batch-size", type=int, default=8)
+    qs.add_argument("--seq-len", type=int, default=64)
+    qs.add_argument("--lr", type=float, default=1e-3)
+    qs.add_argument("--device", default="cpu")
+    qs.add_argument("--seed", type=int, default=0)
+    qs.add_argument("--out", default="results/quickstart")
     run = sub.add_parser("run", help="run an experiment from a JSON or YAML config")
     run.add_argument("--config", required=True, help="ExperimentConfig as .json or .yaml")
     run.add_argument("--data", help="'builtin' or a folder with devset.csv and testset_w_refs.csv (overrides the config)")
@@ -71,6 +75,12 @@ def main(argv=None) -> int:
             print(f"### {name} (batch {args.batch_size} x {args.seq_len} tokens, fp16 weights; "
                   f"step {p.step_latency * 1e3:.0f} ms simulated, server {p.server_time * 1e3:.0f} ms)\n")
             print(p.frame().round(3).to_string(index=False) + "\n")
+        return 0
+
+    if args.command == "reproduce":
+        from .reproduce import run_notebooks
+
+        run_notebooks(args.out, quick=args.quick, only=args.only)
         return 0
 
     from .quickstart import QuickstartConfig, run_split_lora

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from .data import (
     E2E_ATTRIBUTES, E2EDataset, group_references, load_builtin, load_e2e, loader, partition,
 )
-from .federation import Client, FedSettings, Federation
+from .federation import Client, FedSettings, Federation, NoClientFits
 from .io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from .methods import ABLATIONS, METHODS, PAPER_METHODS, get_method
 from .metrics import e2e_metrics, generate
@@ -81,6 +81,13 @@ class ExperimentConfig:
         if unknown:
             raise ValueError(f"unknown config field(s) {unknown}; known fields: {sorted(known)}")
         return cls(**d)
+
+    def fingerprint(self) -> str:
+        """A short hash of everything but the method list: one output folder per distinct setting."""
+        import hashlib
+
+        d = {k: v for k, v in self.to_dict().items() if k != "methods"}
+        return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
 
     def save(self, path) -> Path:
         path = Path(path)
@@ -339,8 +346,8 @@ def run_experiment(config: ExperimentConfig, methods=None, out_dir=None, progres
         cfg_to_save = dataclasses.replace(cfg, methods=list(dict.fromkeys(methods_before + cfg.methods)))
         atomic_write_json(saved_cfg, cfg_to_save.to_dict())
         rows, client_rows, metrics = _load_finished(out)
-    done = {m["method"] for m in metrics} if cfg.final_metrics else {r["method"] for r in rows
-                                                                      if r["round"] == cfg.rounds}
+    done = {m["method"] for m in metrics if cfg.final_metrics or isinstance(m.get("note"), str)} | \
+        ({r["method"] for r in rows if r["round"] == cfg.rounds} if not cfg.final_metrics else set())
     rows = [r for r in rows if r["method"] in done]
     client_rows = [r for r in client_rows if r["method"] in done]
     splits = load_splits(cfg)
@@ -356,7 +363,13 @@ def run_experiment(config: ExperimentConfig, methods=None, out_dir=None, progres
 
     for name in todo:
         run = _Run(cfg, name, splits, out)
-        run.run(rows, client_rows, round_done)
+        try:
+            run.run(rows, client_rows, round_done)
+        except NoClientFits as exc:  # a result, not a failure: this method cannot train at these budgets
+            metrics.append({"method": name, "note": str(exc)})
+            bar.update(cfg.rounds)
+            _write(out, rows, client_rows, metrics)
+            continue
         if cfg.final_metrics:
             metrics.append(run.final_metrics())
         _write(out, rows, client_rows, metrics)
@@ -365,6 +378,13 @@ def run_experiment(config: ExperimentConfig, methods=None, out_dir=None, progres
         del run
     bar.close()
     df = pd.DataFrame(rows)
+    if metrics and not df.empty:  # the final evaluation joins each method's last round
+        scores = pd.DataFrame(metrics).drop(columns=["outputs", "note"], errors="ignore")
+        last = df.groupby("method")["round"].transform("max") == df["round"]
+        df = df.drop(columns=[c for c in scores.columns if c != "method" and c in df.columns])
+        df = df.merge(scores, on="method", how="left")
+        df.loc[~last.values, [c for c in scores.columns if c != "method"]] = float("nan")
+        _write(out, df.to_dict("records"), client_rows, metrics)
     if out is not None and not df.empty:
         from .plots import save_figures
 
@@ -392,3 +412,44 @@ def _write(out: Path | None, rows, client_rows, metrics) -> None:
     atomic_write_text(out / "results.csv", pd.DataFrame(rows).to_csv(index=False))
     atomic_write_text(out / "clients.csv", pd.DataFrame(client_rows).to_csv(index=False))
     atomic_write_text(out / "metrics.csv", pd.DataFrame(metrics).to_csv(index=False))
+
+
+def _time_to(part: pd.DataFrame, target: float, column: str) -> float:
+    """First `column` value at which val_ppl reaches `target`, linearly interpolated between rounds."""
+    part = part.sort_values("round")
+    prev = None
+    for _, row in part.iterrows():
+        if row["val_ppl"] <= target:
+            if prev is None or prev["val_ppl"] == row["val_ppl"]:
+                return float(row[column])
+            frac = (prev["val_ppl"] - target) / (prev["val_ppl"] - row["val_ppl"])
+            return float(prev[column] + frac * (row[column] - prev[column]))
+        prev = row
+    return float("nan")
+
+
+def summarize(df: pd.DataFrame, metrics: pd.DataFrame | None = None, target: float | None = None,
+              reference: str = "hsplitlora") -> pd.DataFrame:
+    """Per method: final and best PPL, rounds and simulated/wall time to a common target PPL (default: the
+    highest best-PPL of all methods, so every method reaches it), the ratio of that time to the reference
+    method's, total bytes, trainable parameters, and the E2E metrics when given."""
+    best = df.groupby("method", sort=False)["val_ppl"].min()
+    target = float(best.max()) if target is None else target
+    rows = []
+    for name, part in df.groupby("method", sort=False):
+        last = part.sort_values("round").iloc[-1]
+        rows.append({"method": name, "final_ppl": last["val_ppl"], "best_ppl": best[name], "target_ppl": target,
+                     "rounds_to_target": _time_to(part, target, "round"),
+                     "sim_time_to_target_s": _time_to(part, target, "sim_time_s"),
+                     "wall_time_to_target_s": _time_to(part, target, "wall_time_s"),
+                     "sim_time_total_s": last["sim_time_s"], "wall_time_total_s": last["wall_time_s"],
+                     "bytes_total": part["bytes_up"].sum() + part["bytes_down"].sum(),
+                     "trainable_client_params": last["trainable_client_params"],
+                     "trainable_server_params": last["trainable_server_params"]})
+    out = pd.DataFrame(rows)
+    if reference in set(out["method"]):
+        ref = out.set_index("method").loc[reference, "sim_time_to_target_s"]
+        out[f"time_ratio_vs_{reference}"] = out["sim_time_to_target_s"] / ref
+    if metrics is not None and not metrics.empty:
+        out = out.merge(metrics.drop(columns=["outputs"], errors="ignore"), on="method", how="outer", sort=False)
+    return out

@@ -35,6 +35,10 @@ SERVER_ADAPTER = "server"
 CENTRAL_ADAPTER = "central"
 
 
+class NoClientFits(ValueError):
+    """No client can take part (HetLoRA with strict memory when the whole model fits nowhere)."""
+
+
 @dataclass
 class FedSettings:
     local_steps: int = 5
@@ -61,6 +65,7 @@ class Client:
     split_point: int = 0
     ranks: dict[str, int] = field(default_factory=dict)
     present: bool = True
+    excluded: bool = False  # left out for good (HetLoRA with strict memory: the model does not fit)
     epoch: int = 0
     pos: int = 0
 
@@ -109,10 +114,30 @@ class Federation:
         if self.method.split == "central":
             self.pm = add_adapters(self.model, self.levels[-1], adapter=CENTRAL_ADAPTER)
             return
+        if self.method.strict_memory:
+            self._exclude_clients_that_cannot_hold_the_model()
         if self.tracker is not None:
             self.pm = self.model  # calibrate the frozen model itself
             self.calibrate()
         self.configure(initial=True)
+
+    def _exclude_clients_that_cannot_hold_the_model(self) -> None:
+        """Charge the whole model (frozen weights, adapters, activations of every block, logits) to each
+        client's budget; clients it does not fit stay out of training for good."""
+        from .planner import activation_bytes, adapter_bytes, weight_bytes
+
+        ranks = self._plan()
+        cfg = self.cfg
+        for c in self.clients:
+            r = ranks[c.name][1]
+            need = weight_bytes(self.config, self.p) + adapter_bytes(self.config, r) + \
+                activation_bytes(self.config, self.L, r, cfg.batch_size, cfg.seq_len, self.p) + \
+                cfg.batch_size * cfg.seq_len * self.dims.vocab * 4
+            if need > (1 - cfg.headroom) * c.spec.memory:
+                c.excluded, c.present = True, False
+        if not self.present:
+            raise NoClientFits("strict memory: no client can hold the whole model (largest budget "
+                               f"{max(c.spec.memory for c in self.clients) / 1e9:.3f} GB)")
 
     @property
     def present(self) -> list[Client]:
@@ -268,8 +293,8 @@ class Federation:
         downloads: dict[str, int] = {}
         returned = []
         for c in self.clients:
-            away = any(e["type"] == "dropout" and e["client"] == c.name and e["start"] <= r <= e["end"]
-                       for e in events)
+            away = c.excluded or any(e["type"] == "dropout" and e["client"] == c.name and e["start"] <= r <= e["end"]
+                                     for e in events)
             if c.present and away:
                 c.present = False
             elif not c.present and not away:
@@ -525,7 +550,8 @@ class Federation:
         model = self.pm if self.pm is not None else self.model
         state = {
             "touched": {n: base_weight(model, n).detach().clone() for n in sorted(self.touched)},
-            "clients": [{"split_point": c.split_point, "ranks": c.ranks, "present": c.present, "epoch": c.epoch,
+            "clients": [{"split_point": c.split_point, "ranks": c.ranks, "present": c.present,
+                         "excluded": c.excluded, "epoch": c.epoch,
                          "pos": c.pos, "memory": c.spec.memory} for c in self.clients + [self.pooled]],
             "missed": sorted(self.missed),
             "adapters": {},
@@ -549,8 +575,8 @@ class Federation:
         """Restore a state written by `state()` into a federation built from the same configuration."""
         self.missed = set(state["missed"])
         for c, s in zip(self.clients + [self.pooled], state["clients"]):
-            c.split_point, c.ranks, c.present, c.epoch, c.pos = s["split_point"], s["ranks"], s["present"], \
-                s["epoch"], s["pos"]
+            c.split_point, c.ranks, c.present, c.excluded, c.epoch, c.pos = s["split_point"], s["ranks"], \
+                s["present"], s["excluded"], s["epoch"], s["pos"]
             c.spec = ClientSpec(c.spec.name, s["memory"], c.spec.speed, c.spec.bandwidth)
         if self.method.ranks == "full":
             with torch.no_grad():

@@ -25,6 +25,7 @@ class Method:
     aggregator: str = "naa"
     server: str = "per-client"
     hetlora_lambda: float = 0.0  # weight of HetLoRA's self-pruning regulariser
+    strict_memory: bool = False  # no-split methods: charge the whole model, leave out clients it does not fit
     description: str = ""
 
     @property
@@ -42,6 +43,8 @@ METHODS = {m.name: m for m in [
            description="SplitLoRA: weakest client's split and rank, shared server adapters, FedAvg"),
     Method("hetlora", "none", "budget-order", "uniform", "hetlora", hetlora_lambda=1e-3,
            description="HetLoRA: no split, ranks by budget, zero-pad + norm-weighted aggregation"),
+    Method("hetlora-strict", "none", "budget-order", "uniform", "hetlora", hetlora_lambda=1e-3, strict_memory=True,
+           description="HetLoRA charged the whole model: clients that cannot hold it stay out"),
     Method("cenlora", "central", "max", description="Centralised LoRA on pooled data (reference)"),
     Method("ft", "central", "full", aggregator="none", description="Full fine-tuning on pooled data (reference)"),
     Method("hsplitlora-no-iwi", "armsc", "armsc", "uniform", "naa", description="ablation: uniform importance"),
@@ -57,7 +60,7 @@ METHODS = {m.name: m for m in [
 
 PAPER_METHODS = ["hsplitlora", "splitlora", "hetlora", "cenlora", "ft"]
 ABLATIONS = ["hsplitlora-no-iwi", "hsplitlora-no-armsc", "hsplitlora-no-naa"]
-EXTRAS = ["flora", "flexlora"]
+EXTRAS = ["hetlora-strict", "flora", "flexlora"]
 
 
 def get_method(name: str) -> Method:

@@ -20,6 +20,7 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerFast,
 )
+from transformers.utils import logging as hf_logging
 
 SMOLLM2 = "smollm2-135m"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -117,6 +118,7 @@ def load_model(name_or_path: str = SMOLLM2, dtype: torch.dtype = torch.float32, 
         model, tokenizer = tiny_model(TINY_NAMES[name])
     else:
         source = ensure_smollm2_cache() if name.lower() == SMOLLM2 else name
+        hf_logging.disable_progress_bar()  # a bar per load is noise in loops over methods
         try:
             model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
             tokenizer = AutoTokenizer.from_pretrained(source)
@@ -126,6 +128,8 @@ def load_model(name_or_path: str = SMOLLM2, dtype: torch.dtype = torch.float32, 
                 f"{', '.join(map(repr, TINY_NAMES))}), a local model directory, or a Hugging Face id "
                 f"reachable from here ({exc.__class__.__name__}: {str(exc).splitlines()[0]})"
             ) from exc
+        finally:
+            hf_logging.enable_progress_bar()
     family_of(model)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

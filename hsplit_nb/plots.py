@@ -12,29 +12,33 @@ def _by_method(df: pd.DataFrame):
         yield name, part.sort_values("round")
 
 
-def plot_ppl_rounds(df: pd.DataFrame, ax=None):
-    """Validation perplexity against communication rounds, one line per method."""
+def _plot_ppl(df: pd.DataFrame, x: str, xlabel: str, title: str, ax=None):
+    from matplotlib.ticker import MaxNLocator, ScalarFormatter
+
     ax = ax or plt.subplots(figsize=(7, 4.5))[1]
     for name, part in _by_method(df):
-        ax.plot(part["round"], part["val_ppl"], marker="o", ms=3, label=name)
-    ax.set(xlabel="round", ylabel="validation perplexity (reference tokens)", title="Perplexity per round")
+        ax.plot(part[x], part["val_ppl"], marker="o", ms=3, label=name)
+    ax.set(xlabel=xlabel, ylabel="validation perplexity (reference tokens, log scale)", title=title)
     ax.set_yscale("log")
+    for axis in (ax.yaxis,):
+        axis.set_major_formatter(ScalarFormatter())
+        axis.set_minor_formatter(ScalarFormatter())
+    ax.tick_params(axis="y", which="minor", labelsize=7)
+    if x == "round":
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     return ax.figure
+
+
+def plot_ppl_rounds(df: pd.DataFrame, ax=None):
+    """Validation perplexity against communication rounds, one line per method."""
+    return _plot_ppl(df, "round", "round", "Perplexity per round", ax)
 
 
 def plot_ppl_time(df: pd.DataFrame, ax=None):
     """Validation perplexity against simulated time (latency model plus counted transfers)."""
-    ax = ax or plt.subplots(figsize=(7, 4.5))[1]
-    for name, part in _by_method(df):
-        ax.plot(part["sim_time_s"], part["val_ppl"], marker="o", ms=3, label=name)
-    ax.set(xlabel="simulated time (s)", ylabel="validation perplexity (reference tokens)",
-           title="Perplexity against simulated time")
-    ax.set_yscale("log")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
-    return ax.figure
+    return _plot_ppl(df, "sim_time_s", "simulated time (s)", "Perplexity against simulated time", ax)
 
 
 def plot_bytes(df: pd.DataFrame, ax=None):
@@ -67,3 +71,30 @@ def save_figures(df: pd.DataFrame, out_dir) -> list[Path]:
         plt.close(fig)
         paths.append(out / name)
     return paths
+
+
+def architecture_diagram(split_points: list[int], n_blocks: int, budgets=None):
+    """HSplitLoRA in one picture: each client hosts the embeddings and blocks [0, s_k); the main server
+    hosts the rest for every client; adapters on both sides; NAA merges them after each round."""
+    from matplotlib.patches import Rectangle
+
+    k = len(split_points)
+    fig, ax = plt.subplots(figsize=(9, 1.2 + 0.65 * k))
+    for i, s in enumerate(split_points):
+        y = k - 1 - i
+        ax.add_patch(Rectangle((0, y + 0.15), s, 0.7, color="tab:blue", alpha=0.8))
+        ax.add_patch(Rectangle((s, y + 0.15), n_blocks - s, 0.7, color="tab:orange", alpha=0.5))
+        ax.text(s / 2, y + 0.5, f"0-{s - 1}" if s > 1 else "0", ha="center", va="center", fontsize=8, color="white")
+        ax.text(s + (n_blocks - s) / 2, y + 0.5, f"{s}-{n_blocks - 1} + head", ha="center", va="center", fontsize=8)
+        ax.plot([s, s], [y + 0.05, y + 0.95], color="k", lw=1.5)
+    labels = [f"client {i}" + (f"\nbudget {budgets[i]}" if budgets is not None else "") for i in range(k)]
+    ax.set_yticks([k - 1 - i + 0.5 for i in range(k)], labels, fontsize=9)
+    ax.text(n_blocks * 1.03, k / 2, "NAA after each round:\nstack every client's adapters,\n"
+            "merge into every copy,\nrestart the adapters", va="center", fontsize=8)
+    ax.set_xticks(range(0, n_blocks + 1, max(1, n_blocks // 6)))
+    ax.set(xlim=(0, n_blocks * 1.45), ylim=(0, k), xlabel="transformer blocks (black line: the client's split point)",
+           title="Each client hosts the first blocks (blue); the main server runs the rest for it (orange)")
+    for side in ("right", "top"):
+        ax.spines[side].set_visible(False)
+    fig.tight_layout()
+    return fig

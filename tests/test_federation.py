@@ -21,8 +21,9 @@ QUICK = dict(model="tiny-llama", num_clients=3, budgets=[4.5e6, 8e6, 11.5e6], bu
 
 
 def test_every_method_runs_two_rounds_and_learns():
-    df = run_experiment(ExperimentConfig(**QUICK, methods=list(METHODS)), progress=False)
-    assert set(df["method"]) == set(METHODS)
+    methods = [m for m in METHODS if m != "hetlora-strict"]  # no client holds the whole model here: own test
+    df = run_experiment(ExperimentConfig(**QUICK, methods=methods), progress=False)
+    assert set(df["method"]) == set(methods)
     for name, part in df.groupby("method"):
         part = part.set_index("round")
         assert part.loc[2, "val_ppl"] < part.loc[0, "val_ppl"], name
@@ -146,3 +147,17 @@ def test_resume_after_a_stop_gives_the_same_numbers(tmp_path):
     pd.testing.assert_frame_equal(again[cols].reset_index(drop=True), whole[cols].reset_index(drop=True))
     with pytest.raises(ValueError, match="different config"):
         run_experiment(dataclasses.replace(cfg, lr=1e-2), out_dir=tmp_path / "cut", progress=False)
+
+
+def test_hetlora_strict_memory_leaves_out_clients_that_cannot_hold_the_model():
+    cfg = ExperimentConfig(**{**QUICK, "budgets": [1e6, 2e6, 50e6]}, methods=["hetlora", "hetlora-strict"])
+    df = run_experiment(cfg, progress=False)
+    clients = df.attrs["clients"]
+    strict = clients[clients["method"] == "hetlora-strict"].set_index(["round", "client"])
+    assert not strict.loc[(1, "c0"), "present"] and not strict.loc[(2, "c1"), "present"]
+    assert strict.loc[(1, "c2"), "present"] and strict.loc[(1, "c2"), "adapter_up"] > 0
+    lenient = clients[clients["method"] == "hetlora"]
+    assert lenient["present"].all()  # the benefit of the doubt: everyone takes part
+    nobody = run_experiment(ExperimentConfig(**{**QUICK, "budgets": [1e6, 2e6, 3e6]}, methods=["hetlora-strict"]),
+                            progress=False)
+    assert nobody.empty and "no client can hold the whole model" in nobody.attrs["metrics"].loc[0, "note"]

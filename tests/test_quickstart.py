@@ -10,7 +10,7 @@ from hsplit_nb.quickstart import QuickstartConfig, run_split_lora
 
 def test_split_lora_job_learns_and_writes_results(tmp_path, capsys):
     out = tmp_path / "q"
-    assert main(["reproduce", "--model", "tiny-llama", "--steps", "30", "--seq-len", "256", "--split-point", "2",
+    assert main(["quickstart", "--model", "tiny-llama", "--steps", "30", "--seq-len", "256", "--split-point", "2",
                  "--ranks", "q=8,v=8,down=2", "--out", str(out)]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     steps = pd.read_csv(out / "steps.csv")
@@ -21,7 +21,7 @@ def test_split_lora_job_learns_and_writes_results(tmp_path, capsys):
     assert "validation PPL" in capsys.readouterr().out
     assert metrics["config"]["ranks"] == {"q": 8, "v": 8, "down": 2}
     with pytest.raises(SystemExit):
-        main(["reproduce", "--ranks", "q:8"])
+        main(["quickstart", "--ranks", "q:8"])
     assert "ranks must look like q=8,v=8, got 'q:8'" in capsys.readouterr().err
 
 

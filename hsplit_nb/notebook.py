@@ -1,0 +1,31 @@
+"""Small helpers the notebooks share: quick mode, where outputs go, saving figures and tables."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .io import atomic_write_text
+
+
+def quick_mode() -> bool:
+    """Quick mode (tiny model, few steps) when HSPLIT_QUICK=1: what CI runs."""
+    return os.environ.get("HSPLIT_QUICK", "0") == "1"
+
+
+def output_dir(path) -> Path:
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def save_figure(fig, out_dir, name: str) -> Path:
+    """Write a figure as PNG (atomically) and return its path."""
+    path = output_dir(out_dir) / f"{name}.png"
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    tmp.replace(path)
+    return path
+
+
+def save_table(df, out_dir, name: str) -> Path:
+    return atomic_write_text(output_dir(out_dir) / f"{name}.csv", df.to_csv(index=False))

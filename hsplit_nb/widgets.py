@@ -1,0 +1,313 @@
+"""Interactive views for the notebooks. Each view is a plain function (tested on its own) that a few
+ipywidgets controls call; the widgets only collect values and show the function's result."""
+from __future__ import annotations
+
+import math
+
+import matplotlib.pyplot as plt
+from matplotlib.ticker import MaxNLocator
+import pandas as pd
+import torch
+
+from .adapters import LoraFactors, candidate_matrices
+from .aggregation import communication, fedavg, naa, zero_pad_average
+from .importance import ImportanceTracker
+from .planner import ClientSpec, client_memory, plan, smashed_bytes
+from .split import num_blocks
+
+# ---- plain functions ------------------------------------------------------------------------------
+
+
+def split_costs(config, batch_size: int = 8, seq_len: int = 64, ranks=None, dtype=torch.float32) -> pd.DataFrame:
+    """Per split point: bytes crossing the cut per step and predicted client memory (by part)."""
+    ranks = ranks if ranks is not None else ({"q": 8, "v": 8} if config.model_type == "llama" else {"c_attn": 8})
+    rows = []
+    for s in range(1, num_blocks(config)):
+        mem = client_memory(config, s, ranks, batch_size, seq_len, dtype, breakdown=True)
+        rows.append({"split_point": s, "smashed_up_MiB": smashed_bytes(config, batch_size, seq_len, dtype) / 2**20,
+                     "grad_down_MiB": smashed_bytes(config, batch_size, seq_len, dtype) / 2**20,
+                     **{f"{k}_MiB": v / 2**20 for k, v in mem.items()},
+                     "client_memory_MiB": sum(mem.values()) / 2**20})
+    return pd.DataFrame(rows)
+
+
+def plot_split_costs(df: pd.DataFrame, highlight: int | None = None):
+    fig, ax = plt.subplots(figsize=(8, 4))
+    bottom = pd.Series(0.0, index=df.index)
+    for part in ("weights_MiB", "activations_MiB", "adapters_MiB", "smashed_MiB"):
+        ax.bar(df["split_point"], df[part], bottom=bottom, label=part.replace("_MiB", ""))
+        bottom += df[part]
+    if highlight is not None:
+        ax.axvline(highlight, color="k", ls="--", lw=1, label=f"split point {highlight}")
+    ax.set(xlabel="split point s (blocks on the client)", ylabel="predicted client memory (MiB)",
+           title=f"Client memory by split point; {df['smashed_up_MiB'].iloc[0]:.2f} MiB up and down per step")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def importance_grid(scores: dict[str, float], config) -> pd.DataFrame:
+    """RNGWP scores as a layer x matrix-kind table."""
+    rows = {}
+    for m in candidate_matrices(config):
+        rows.setdefault(m.layer, {})[m.kind] = scores[m.name]
+    return pd.DataFrame.from_dict(rows, orient="index").rename_axis("layer")
+
+
+def plot_importance_grid(grid: pd.DataFrame, title: str = "RNGWP importance"):
+    fig, ax = plt.subplots(figsize=(6, max(3, 0.22 * len(grid))))
+    im = ax.imshow(grid.values, aspect="auto", cmap="viridis")
+    ax.set_xticks(range(grid.shape[1]), grid.columns, rotation=30)
+    ax.set_yticks(range(len(grid)), grid.index)
+    ax.set(xlabel="matrix", ylabel="layer", title=title)
+    fig.colorbar(im, ax=ax, label="|W * dL/dW| summed / (d_in + d_out)")
+    fig.tight_layout()
+    return fig
+
+
+def replay_importance(history: list[dict[str, float]], beta_max: float = 0.9, delta: float = 0.1,
+                      configure_at: int = 0) -> pd.DataFrame:
+    """Replay recorded RNGWP calibrations through a tracker with other settings: beta, fluctuation, the
+    shift of g since the configuration made at calibration `configure_at`, and whether the trigger fires
+    (a reconfiguration then records the new state, as the federation does)."""
+    tracker = ImportanceTracker(list(history[0]), beta_max, delta)
+    rows = []
+    for t, scores in enumerate(history):
+        rec = tracker.update(scores)
+        fires = False
+        shift = None
+        if t == configure_at:
+            tracker.configured()
+        elif t > configure_at:
+            shift = tracker.shift()
+            fires = bool(tracker.trigger())
+            if fires:
+                tracker.configured()
+        rows.append({"calibration": t, "beta": rec["beta"], "fluctuation": rec["fluctuation"], "shift": shift,
+                     "fires": fires})
+    return pd.DataFrame(rows)
+
+
+def plot_replay(frame: pd.DataFrame, delta: float):
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.5))
+    a.plot(frame["calibration"], frame["beta"], marker="o", label="beta_t")
+    a.plot(frame["calibration"], frame["fluctuation"], marker="s", label="fluctuation Delta_t")
+    a.set(xlabel="calibration t", title="Smoothing coefficient")
+    a.legend()
+    b.plot(frame["calibration"], frame["shift"], marker="o", label="||g - g_config||_1")
+    b.axhline(delta, color="r", ls="--", label=f"delta = {delta}")
+    fired = frame[frame["fires"]]
+    b.scatter(fired["calibration"], fired["shift"], color="r", zorder=3, s=60, label="trigger fires")
+    b.set(xlabel="calibration t", title="Reconfiguration trigger")
+    b.legend(fontsize=8)
+    for ax in (a, b):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.tight_layout()
+    return fig
+
+
+def planner_table(config, budgets_gb: list[float], rank_levels=(0, 2, 4, 8, 16), batch_size: int = 8,
+                  seq_len: int = 64, importance=None, dtype=torch.float32) -> pd.DataFrame:
+    """ARMSC's plan for clients with these budgets (GB): split points, ranks, predicted memory."""
+    clients = [ClientSpec(f"client{k}", b * 1e9) for k, b in enumerate(budgets_gb)]
+    return plan(config, clients, importance, batch_size, seq_len, tuple(rank_levels), dtype).frame()
+
+
+def plot_plan(frame: pd.DataFrame):
+    fig, ax = plt.subplots(figsize=(8, 3.8))
+    x = range(len(frame))
+    ax.bar([i - 0.2 for i in x], frame["budget_GB"], width=0.4, label="budget")
+    ax.bar([i + 0.2 for i in x], frame["memory_GB"], width=0.4, label="predicted memory")
+    for i, (s, r) in enumerate(zip(frame["split_point"], frame["device_rank_total"])):
+        ax.annotate(f"s={s}\nrank {r}", (i + 0.2, frame["memory_GB"].iloc[i]), ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(list(x), frame["client"])
+    ax.set(ylabel="GB", title="ARMSC: predicted client memory against budget")
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def aggregation_errors(ranks: list[int], weights: list[float], d_out: int = 64, d_in: int = 64,
+                       seed: int = 0) -> pd.DataFrame:
+    """Each aggregator's error against the exact weighted sum of the clients' deltas, and its bytes.
+
+    FedAvg needs equal ranks; with mixed ranks it is reported as not applicable."""
+    g = torch.Generator().manual_seed(seed)
+    adapters = [LoraFactors(torch.randn(r, d_in, generator=g, dtype=torch.float64) / math.sqrt(d_in),
+                            torch.randn(d_out, r, generator=g, dtype=torch.float64), 2.0) if r else None
+                for r in ranks]
+    present = [(f, w) for f, w in zip(adapters, weights) if f is not None and w > 0]
+    if not present:
+        raise ValueError("no client has both a rank above 0 and a weight above 0: nothing to aggregate")
+    total = sum(w for _, w in present)
+    exact = sum(w / total * f.delta() for f, w in present)
+    rows = []
+    stacked = naa(adapters, weights)
+    rows.append(("NAA (stack)", stacked.delta()))
+    padded = zero_pad_average(adapters, weights)
+    rows.append(("zero-pad + average", padded[1] @ padded[0]))
+    if len({f.rank for f, _ in present}) == 1:
+        A, B = fedavg(adapters, weights).factors[next(i for i, f in enumerate(adapters) if f is not None)]
+        rows.append(("FedAvg (A, B apart)", 2.0 * B @ A))
+    else:
+        rows.append(("FedAvg (A, B apart)", None))
+    out = []
+    for name, delta in rows:
+        key = {"NAA (stack)": "naa", "zero-pad + average": "zeropad", "FedAvg (A, B apart)": "fedavg"}[name]
+        comm = communication(key, [f.rank if f is not None else 0 for f in adapters], d_in, d_out,
+                             [True] * len(adapters)) if delta is not None else []
+        out.append({"aggregator": name,
+                    "relative_error": float((delta - exact).norm() / exact.norm()) if delta is not None else float("nan"),
+                    "bytes_up": sum(c["up"] for c in comm), "bytes_down": sum(c["down"] for c in comm)})
+    return pd.DataFrame(out)
+
+
+def plot_aggregation_errors(frame: pd.DataFrame):
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.5))
+    err = frame["relative_error"].fillna(0)
+    a.bar(frame["aggregator"], err, color=["tab:green", "tab:orange", "tab:red"][: len(frame)])
+    for i, v in enumerate(frame["relative_error"]):
+        a.annotate("n/a (mixed ranks)" if math.isnan(v) else f"{v:.2e}", (i, err.iloc[i]), ha="center",
+                   va="bottom", fontsize=8)
+    a.set(ylabel="||aggregate - exact|| / ||exact||", title="Error against the exact weighted sum")
+    frame.set_index("aggregator")[["bytes_up", "bytes_down"]].div(2**10).plot.bar(ax=b, rot=0)
+    b.set(ylabel="KiB (all clients, one matrix)", title="Bytes per aggregation", xlabel="")
+    for ax in (a, b):
+        for label in ax.get_xticklabels():
+            label.set_fontsize(8)
+    fig.tight_layout()
+    return fig
+
+
+# ---- widgets --------------------------------------------------------------------------------------
+
+class Panel:
+    """Controls, an output area, and `result`: the last value of the function the controls drive."""
+
+    def __init__(self, controls: dict, compute, render):
+        import ipywidgets as w
+
+        self.controls, self.compute, self.render = controls, compute, render
+        self.out = w.Output()
+        self.result = None
+        for control in controls.values():
+            control.observe(self.update, names="value")
+        self.widget = w.VBox([w.HBox(list(controls.values()), layout=w.Layout(flex_flow="row wrap")), self.out])
+        self.update()
+
+    def values(self) -> dict:
+        return {k: c.value for k, c in self.controls.items()}
+
+    def update(self, change=None) -> None:
+        from IPython.display import clear_output
+
+        self.result = self.compute(**self.values())
+        with self.out:
+            clear_output(wait=True)
+            self.render(self.result)
+
+    def _ipython_display_(self):
+        from IPython.display import display
+
+        display(self.widget)
+
+
+def _show(*items):
+    from IPython.display import display
+
+    for item in items:
+        display(item)
+        if isinstance(item, plt.Figure):
+            plt.close(item)
+
+
+def _show_or_say(result, views) -> None:
+    """Show the views of a result, or print it when the computation answered with a message."""
+    if isinstance(result, str):
+        print(result)
+    else:
+        _show(*views(result))
+
+
+def split_panel(config, batch_size: int = 8, seq_len: int = 64) -> Panel:
+    """Move the split point; see memory per split point and the bytes crossing the cut."""
+    import ipywidgets as w
+
+    table = split_costs(config, batch_size, seq_len)
+    controls = {"split_point": w.IntSlider(value=min(6, num_blocks(config) - 1), min=1, max=num_blocks(config) - 1,
+                                           description="split point")}
+
+    def compute(split_point):
+        return {"row": table[table["split_point"] == split_point].iloc[0], "table": table, "split_point": split_point}
+
+    def render(res):
+        r = res["row"]
+        print(f"split point {res['split_point']}: client holds the embeddings and blocks 0-{res['split_point'] - 1}; "
+              f"{r['smashed_up_MiB']:.2f} MiB up and {r['grad_down_MiB']:.2f} MiB down per step; "
+              f"predicted client memory {r['client_memory_MiB']:.1f} MiB")
+        _show(plot_split_costs(table, res["split_point"]))
+
+    return Panel(controls, compute, render)
+
+
+def iwi_panel(history: list[dict[str, float]]) -> Panel:
+    """Replay recorded calibrations with other beta_max and delta."""
+    import ipywidgets as w
+
+    controls = {"beta_max": w.FloatSlider(value=0.9, min=0.0, max=0.99, step=0.01, description="beta_max"),
+                "delta": w.FloatLogSlider(value=0.1, base=10, min=-3, max=0, step=0.1, description="delta")}
+
+    def compute(beta_max, delta):
+        return replay_importance(history, beta_max, delta)
+
+    def render(frame):
+        _show(frame.round(4), plot_replay(frame, controls["delta"].value))
+
+    return Panel(controls, compute, render)
+
+
+def planner_panel(config, n_clients: int = 5, budgets_gb=None, batch_size: int = 8, seq_len: int = 64,
+                  max_gb: float = 2.0) -> Panel:
+    """Sliders for each client's budget, the rank levels, batch and sequence length."""
+    import ipywidgets as w
+
+    budgets_gb = budgets_gb or [max_gb * (0.2 + 0.15 * k) for k in range(n_clients)]
+    controls = {f"b{k}": w.FloatSlider(value=b, min=max_gb / 50, max=max_gb, step=max_gb / 100,
+                                       description=f"client{k} GB") for k, b in enumerate(budgets_gb)}
+    controls["rank_levels"] = w.SelectMultiple(options=[2, 4, 8, 16, 32, 64], value=(2, 4, 8, 16),
+                                               description="ranks")
+    controls["batch_size"] = w.IntSlider(value=batch_size, min=1, max=32, description="batch")
+    controls["seq_len"] = w.IntSlider(value=seq_len, min=16, max=512, step=16, description="seq len")
+
+    def compute(rank_levels, batch_size, seq_len, **budgets):
+        try:
+            return planner_table(config, [budgets[f"b{k}"] for k in range(len(budgets))], (0, *rank_levels),
+                                 batch_size, seq_len)
+        except ValueError as exc:
+            return str(exc)
+
+    def render(res):
+        _show_or_say(res, lambda frame: (frame.round(3), plot_plan(frame)))
+
+    return Panel(controls, compute, render)
+
+
+def naa_panel(n_clients: int = 3) -> Panel:
+    """Set each client's rank and data weight; compare NAA with zero-padding and FedAvg."""
+    import ipywidgets as w
+
+    controls = {}
+    for k in range(n_clients):
+        controls[f"r{k}"] = w.Dropdown(options=[0, 2, 4, 8, 16], value=[2, 4, 8, 16][k % 4], description=f"rank c{k}")
+        controls[f"w{k}"] = w.IntSlider(value=100 * (k + 1), min=0, max=1000, step=10, description=f"n c{k}")
+
+    def compute(**v):
+        try:
+            return aggregation_errors([v[f"r{k}"] for k in range(n_clients)], [v[f"w{k}"] for k in range(n_clients)])
+        except ValueError as exc:
+            return str(exc)
+
+    def render(res):
+        _show_or_say(res, lambda frame: (frame, plot_aggregation_errors(frame)))
+
+    return Panel(controls, compute, render)

@@ -1,0 +1,86 @@
+"""Every widget driven through its callback, headlessly: set values, check the data it produces."""
+import math
+
+import matplotlib
+import pandas as pd
+import pytest
+
+from hsplit_nb.models import tiny_model
+from hsplit_nb.planner import client_memory
+from hsplit_nb.widgets import (
+    aggregation_errors, importance_grid, iwi_panel, naa_panel, planner_panel, planner_table, replay_importance,
+    split_costs, split_panel,
+)
+
+matplotlib.use("Agg")
+
+
+@pytest.fixture
+def config():
+    return tiny_model("llama")[0].config
+
+
+def test_split_panel_follows_the_slider(config):
+    panel = split_panel(config, batch_size=4, seq_len=64)
+    assert panel.result["split_point"] == 3  # min(6, L - 1)
+    panel.controls["split_point"].value = 1
+    row = panel.result["row"]
+    assert panel.result["split_point"] == 1 and row["split_point"] == 1
+    assert row["client_memory_MiB"] * 2**20 == pytest.approx(client_memory(config, 1, {"q": 8, "v": 8}, 4, 64))
+    table = split_costs(config, 4, 64)
+    assert list(table["split_point"]) == [1, 2, 3]
+    assert table["client_memory_MiB"].is_monotonic_increasing
+
+
+def test_iwi_panel_replays_with_new_settings():
+    history = [{"a": 1.0, "b": 1.0}, {"a": 1.0, "b": 1.0}, {"a": 3.0, "b": 1.0}, {"a": 3.0, "b": 1.0}]
+    panel = iwi_panel(history)
+    assert panel.result["fires"].tolist() == [False, False, True, False]
+    panel.controls["delta"].value = 0.5  # the shift at calibration 2 (about 0.41) stays below 0.5
+    assert not panel.result["fires"].any()
+    panel.controls["beta_max"].value = 0.0
+    assert panel.result["beta"].tolist() == [0.0, 0.0, 0.0, 0.0]
+    frame = replay_importance(history, beta_max=0.0, delta=0.1)
+    assert frame.loc[2, "shift"] == pytest.approx(2 * abs(0.75 - 0.5))
+
+
+def test_planner_panel_updates_table_and_reports_bad_budgets(config):
+    full = client_memory(config, 3, 16, 4, 64) / 1e9
+    panel = planner_panel(config, n_clients=3, budgets_gb=[full * 0.5, full * 0.7, full], batch_size=4, seq_len=64,
+                          max_gb=full * 2)
+    first = panel.result
+    assert isinstance(first, pd.DataFrame) and len(first) == 3
+    assert (first["memory_GB"] <= first["budget_GB"]).all()
+    panel.controls["b0"].value = full * 2
+    assert panel.result.loc[0, "budget_GB"] == pytest.approx(full * 2)
+    assert panel.result.loc[0, "split_point"] >= first.loc[0, "split_point"]
+    panel.controls["rank_levels"].value = (2,)
+    assert panel.result["device_rank_total"].max() <= 2 * 7 * 3
+    panel.controls["b1"].value = panel.controls["b1"].min  # too small for any split: the message, no crash
+    assert isinstance(panel.result, str) and "client 'client1'" in panel.result
+
+
+def test_naa_panel_shows_nan_fedavg_for_mixed_ranks_and_zero_naa_error():
+    panel = naa_panel(3)
+    frame = panel.result.set_index("aggregator")
+    assert frame.loc["NAA (stack)", "relative_error"] < 1e-12
+    assert frame.loc["zero-pad + average", "relative_error"] > 1e-3
+    assert math.isnan(frame.loc["FedAvg (A, B apart)", "relative_error"])
+    for k in range(3):
+        panel.controls[f"r{k}"].value = 4
+    frame = panel.result.set_index("aggregator")
+    assert frame.loc["FedAvg (A, B apart)", "relative_error"] > 1e-3
+    assert frame.loc["NAA (stack)", "bytes_down"] == 3 * 12 * (64 + 64) * 4
+    for k in range(3):
+        panel.controls[f"w{k}"].value = 0
+    assert "nothing to aggregate" in panel.result
+
+
+def test_plain_functions(config):
+    from hsplit_nb.adapters import candidate_matrices
+
+    scores = {m.name: float(m.layer) for m in candidate_matrices(config)}
+    grid = importance_grid(scores, config)
+    assert grid.shape == (4, 7) and grid.loc[3, "q"] == 3.0
+    assert len(planner_table(config, [1.0, 2.0], batch_size=2, seq_len=16)) == 2
+    assert len(aggregation_errors([2, 0, 4], [1, 1, 1])) == 3
