@@ -98,3 +98,21 @@ def architecture_diagram(split_points: list[int], n_blocks: int, budgets=None):
         ax.spines[side].set_visible(False)
     fig.tight_layout()
     return fig
+
+
+def plot_client_trajectories(clients: pd.DataFrame):
+    """Each client's split point and total rank per round (gaps: rounds it was away)."""
+    from matplotlib.ticker import MaxNLocator
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 3.8))
+    for name, part in clients.groupby("client"):
+        a.plot(part["round"], part["split_point"].where(part["present"]), marker="o", label=name)
+        b.plot(part["round"], part["total_rank"].where(part["present"]), marker="o", label=name)
+    a.set(xlabel="round", ylabel="split point", title="Split points (gap: away)")
+    b.set(xlabel="round", ylabel="total rank", title="Total device + server rank")
+    for ax in (a, b):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    b.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.tight_layout()
+    return fig
