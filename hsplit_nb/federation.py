@@ -18,8 +18,8 @@ import numpy as np
 import torch
 
 from .adapters import (
-    adapter_names, adapter_parameters, add_adapters, base_weight, candidate_matrices, read_adapter, reset_adapter,
-    write_adapter,
+    adapter_names, adapter_parameters, add_adapters, base_weight, candidate_matrices, merge_delta, read_adapter,
+    reset_adapter, write_adapter,
 )
 from .aggregation import MERGING, Stacked, communication, get_aggregator, hetlora_regulariser
 from .data import Collator
@@ -27,7 +27,8 @@ from .importance import ImportanceTracker, resource_changes, rngwp_scores
 from .methods import Method
 from .metrics import perplexity
 from .planner import (
-    ClientSpec, Dims, FLOPS_PER_BUDGET_BYTE, block_flops, client_memory, dtype_bytes, head_flops, plan,
+    FLOPS_PER_BUDGET_BYTE, ClientSpec, Dims, activation_bytes, adapter_bytes, block_flops, client_memory, dtype_bytes,
+    head_flops, plan, weight_bytes,
 )
 from .split import num_blocks, split_model, split_step, unwrap
 
@@ -124,8 +125,6 @@ class Federation:
     def _exclude_clients_that_cannot_hold_the_model(self) -> None:
         """Charge the whole model (frozen weights, adapters, activations of every block, logits) to each
         client's budget; clients it does not fit stay out of training for good."""
-        from .planner import activation_bytes, adapter_bytes, weight_bytes
-
         ranks = self._plan()
         cfg = self.cfg
         for c in self.clients:
@@ -484,8 +483,6 @@ class Federation:
                     for c, b in ((c, bytes_[c.name]) for c in self.present)), default=0.0)
 
     def _merge(self, name: str, stacked: Stacked) -> None:
-        from .adapters import merge_delta
-
         merge_delta(self.pm, name, stacked.delta())
         self.touched.add(name)
 
@@ -511,8 +508,6 @@ class Federation:
             else:
                 yield self.model
             return
-        from .adapters import merge_delta
-
         saved = {n: base_weight(self.pm, n).detach().clone() for n in self.global_deltas}
         try:
             for n, st in self.global_deltas.items():

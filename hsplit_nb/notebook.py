@@ -12,6 +12,13 @@ def quick_mode() -> bool:
     return os.environ.get("HSPLIT_QUICK", "0") == "1"
 
 
+def notebook_output(name: str, quick: bool | None = None) -> Path:
+    """Default output folder of a notebook run from notebooks/: results/notebooks/<name>, or
+    results/notebooks-quick/<name> in quick mode, so `make test` never overwrites `make reproduce`."""
+    quick = quick_mode() if quick is None else quick
+    return Path("..") / "results" / ("notebooks-quick" if quick else "notebooks") / name
+
+
 def output_dir(path) -> Path:
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)

@@ -116,3 +116,16 @@ def plot_client_trajectories(clients: pd.DataFrame):
     b.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     return fig
+
+
+def plot_trainable(table: pd.DataFrame, ax=None):
+    """Trainable parameters on clients and on the server per method, in millions (absent bars mean none)."""
+    ax = ax or plt.subplots(figsize=(7, 4))[1]
+    data = table.set_index("method")[["trainable_client_params", "trainable_server_params"]] / 1e6
+    data.columns = ["on clients (summed)", "on the server"]
+    data.plot.barh(ax=ax)
+    ax.set(xlabel="trainable parameters (millions)", ylabel="", title="Trainable parameters")
+    ax.grid(alpha=0.3, axis="x")
+    ax.legend(fontsize=8)
+    ax.figure.tight_layout()
+    return ax.figure
