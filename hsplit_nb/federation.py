@@ -27,8 +27,8 @@ from .importance import ImportanceTracker, resource_changes, rngwp_scores
 from .methods import Method
 from .metrics import perplexity
 from .planner import (
-    FLOPS_PER_BUDGET_BYTE, ClientSpec, Dims, activation_bytes, adapter_bytes, block_flops, client_memory, dtype_bytes,
-    head_flops, plan, weight_bytes,
+    ClientSpec, Dims, activation_bytes, adapter_bytes, block_flops, client_memory, dtype_bytes,
+    default_server_speed, head_flops, plan, weight_bytes,
 )
 from .split import num_blocks, split_model, split_step, unwrap
 
@@ -168,7 +168,7 @@ class Federation:
         """The split (ARMSC's latency choice for a federation of weakest clients) and the largest uniform
         rank that the weakest present budget fits; shallower splits are tried if that rank does not fit."""
         weakest = min(self.present, key=lambda c: c.spec.memory).spec
-        copies = [ClientSpec(c.name, weakest.memory, weakest.speed or FLOPS_PER_BUDGET_BYTE * weakest.memory,
+        copies = [ClientSpec(c.name, weakest.memory, weakest.flops,
                              weakest.bandwidth) for c in self.present]
         cfg = self.cfg
         s0 = min(cp.split_point for cp in plan(self.config, copies, None, cfg.batch_size, cfg.seq_len, self.levels,
@@ -224,7 +224,7 @@ class Federation:
         self._replace_adapter(c.name, self._adapter_ranks(c))
 
     def _replace_adapter(self, name: str, ranks: dict[str, int]) -> None:
-        if self.pm is not None and unwrap(self.pm) is not self.pm and name in self.pm.peft_config:
+        if self._has_adapter(name):
             self.pm.delete_adapter(name)
         if any(r > 0 for r in ranks.values()):
             self.pm = add_adapters(self.pm if self.pm is not None else self.model, ranks, adapter=name)
@@ -385,8 +385,8 @@ class Federation:
         """Simulated seconds of one parallel local step from the latency model and the bytes counted."""
         fb = block_flops(self.dims, self.cfg.batch_size, self.cfg.seq_len)
         hf = head_flops(self.dims, self.cfg.batch_size, self.cfg.seq_len)
-        speeds = [c.spec.speed or FLOPS_PER_BUDGET_BYTE * c.spec.memory for c in self.clients]
-        server_speed = self.cfg.server_speed or 10 * max(speeds)
+        speeds = [c.spec.flops for c in self.clients]
+        server_speed = self.cfg.server_speed or default_server_speed(speeds)
         if not self.method.federated:
             factor = 1.5 if self.method.ranks == "full" else 1.0  # FT also computes weight gradients
             return factor * (self.L * fb + hf) / server_speed

@@ -264,6 +264,16 @@ class ClientSpec:
         if not self.bandwidth > 0:
             raise ValueError(f"client {self.name!r}: bandwidth must be positive bytes/s, got {self.bandwidth!r}")
 
+    @property
+    def flops(self) -> float:
+        """The client's speed: as given, else proportional to its budget (FLOPS_PER_BUDGET_BYTE)."""
+        return self.speed or FLOPS_PER_BUDGET_BYTE * self.memory
+
+
+def default_server_speed(speeds) -> float:
+    """The main server's default speed: 10x the fastest client."""
+    return 10 * max(speeds)
+
 
 @dataclass
 class ClientPlan:
@@ -412,8 +422,8 @@ def plan(config, clients: list[ClientSpec], importance: dict[str, float] | None 
     if unknown:
         raise ValueError(f"importance names unknown matrices, e.g. {sorted(unknown)[:3]}")
     richest = max(c.memory for c in clients)
-    speeds = [c.speed or FLOPS_PER_BUDGET_BYTE * c.memory for c in clients]
-    server_speed = server_speed or 10 * max(speeds)
+    speeds = [c.flops for c in clients]
+    server_speed = server_speed or default_server_speed(speeds)
     r_min = levels[1]
     L = dims.n_layers
 
