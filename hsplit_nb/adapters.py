@@ -6,6 +6,8 @@ Conventions: a matrix is named by its module path inside the transformers model 
 """
 from __future__ import annotations
 
+import hashlib
+import math
 import re
 from dataclasses import dataclass
 
@@ -175,6 +177,26 @@ def write_adapter(model, name: str, A: torch.Tensor, B: torch.Tensor, adapter: s
 def reset_adapter(model, name: str, adapter: str = ADAPTER) -> None:
     """Fresh adapter at the same rank: A random (peft's Kaiming init), B zero, so its delta is zero."""
     lora_layer(model, name, adapter).reset_lora_parameters(adapter, True)
+
+
+def restart_seed(seed: int, label: str, name: str, generation: int) -> int:
+    """A 63-bit seed for restarting adapter `label` on matrix `name` at `generation`, the same in every process."""
+    digest = hashlib.sha256(f"{seed}/{label}/{name}/{generation}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def restart_adapter(model, name: str, adapter: str, seed: int) -> None:
+    """Fresh adapter at the same rank from its own generator: A by peft's Kaiming-uniform init, B zero.
+
+    With a seed both sides know, a client and the server restart the same adapter to the same values
+    without sending it."""
+    layer = lora_layer(model, name, adapter)
+    A, B = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+    fresh = torch.empty(A.shape, dtype=torch.float32)
+    torch.nn.init.kaiming_uniform_(fresh, a=math.sqrt(5), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        A.copy_(fresh)
+        B.zero_()
 
 
 def base_weight(model, name: str) -> torch.nn.Parameter:

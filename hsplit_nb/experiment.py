@@ -238,7 +238,7 @@ def _seed_everything(seed: int) -> None:
 class _Run:
     """One method within one experiment: build, resume, run rounds, evaluate."""
 
-    def __init__(self, cfg: ExperimentConfig, name: str, splits: Splits, out: Path | None):
+    def __init__(self, cfg: ExperimentConfig, name: str, splits: Splits, out: Path | None, federation=Federation):
         self.cfg, self.name, self.splits, self.out = cfg, name, splits, out
         self.method = get_method(name)
         self.model, self.tok = load_model(cfg.model, device=cfg.device)
@@ -255,7 +255,7 @@ class _Run:
                                cfg.server_speed, seed=cfg.seed, split_points=cfg.split_points)
         train = E2EDataset(splits.train, self.tok, cfg.seq_len)
         self.val_batches = list(loader(E2EDataset(splits.val, self.tok, cfg.seq_len), self.tok, cfg.batch_size))
-        self.fed = Federation(self.model, self.tok, self.method, clients, train, settings, cfg.device)
+        self.fed = federation(self.model, self.tok, self.method, clients, train, settings, cfg.device)
 
     @property
     def checkpoint(self) -> Path | None:
@@ -263,8 +263,8 @@ class _Run:
 
     def _row(self, r: int, train_loss: float | None, bytes_: dict, info: dict) -> dict:
         fed = self.fed
-        up = sum(b["smashed_up"] + b["adapter_up"] for b in bytes_.values())
-        down = sum(b["grad_down"] + b["adapter_down"] + b["weights_down"] for b in bytes_.values())
+        up = sum(v for b in bytes_.values() for k, v in b.items() if k.endswith("_up"))
+        down = sum(v for b in bytes_.values() for k, v in b.items() if k.endswith("_down"))
         on_clients, on_server = fed.trainable_params()
         row = {"method": self.name, "round": r, "val_ppl": fed.evaluate_ppl(self.val_batches),
                "train_loss": train_loss, "sim_time_s": fed.sim_time, "wall_time_s": fed.wall_time,
@@ -291,6 +291,8 @@ class _Run:
         for r in range(start, self.cfg.rounds + 1):
             info = self.fed.begin_round(r, self.events) if self.method.federated else {}
             rec = self.fed.run_round(r, info.get("weights_down", {}))
+            if rec.get("reasons"):  # what happened during the round (a client lost mid-round)
+                info = {**info, "reasons": list(info.get("reasons", [])) + rec["reasons"]}
             row = self._row(r, rec["train_loss"], rec["bytes"], info)
             rows.append(row)
             client_rows += [{"method": self.name, "round": r, "client": c.name, "present": c.present,
@@ -321,11 +323,12 @@ def _to_bytes(obj) -> bytes:
 
 
 def run_experiment(config: ExperimentConfig, methods=None, out_dir=None, progress: bool = True,
-                   on_round=None) -> pd.DataFrame:
+                   on_round=None, federation=Federation) -> pd.DataFrame:
     """Run `methods` (default: the config's) and return one row per method and round.
 
     With `out_dir`, results.csv, clients.csv, metrics.csv, config.json and figures are written after
     every round (atomically), and a stopped run resumes from its checkpoints when started again.
+    `federation` builds each method's federation (the distributed server passes its own).
     """
     cfg = dataclasses.replace(config, methods=list(methods)) if methods is not None else config
     cfg.validate()
@@ -362,7 +365,7 @@ def run_experiment(config: ExperimentConfig, methods=None, out_dir=None, progres
             on_round(method, row)
 
     for name in todo:
-        run = _Run(cfg, name, splits, out)
+        run = _Run(cfg, name, splits, out, federation)
         try:
             run.run(rows, client_rows, round_done)
         except NoClientFits as exc:  # a result, not a failure: this method cannot train at these budgets

@@ -19,18 +19,18 @@ import torch
 
 from .adapters import (
     adapter_names, adapter_parameters, add_adapters, base_weight, candidate_matrices, merge_delta, read_adapter,
-    reset_adapter, write_adapter,
+    restart_adapter, restart_seed, write_adapter,
 )
 from .aggregation import MERGING, Stacked, communication, get_aggregator, hetlora_regulariser
 from .data import Collator
-from .importance import ImportanceTracker, resource_changes, rngwp_scores
+from .importance import ImportanceTracker, resource_changes, rngwp_scores, side_matrices
 from .methods import Method
 from .metrics import perplexity
 from .planner import (
     ClientSpec, Dims, activation_bytes, adapter_bytes, block_flops, client_memory, dtype_bytes,
     default_server_speed, head_flops, plan, weight_bytes,
 )
-from .split import num_blocks, split_model, split_step, unwrap
+from .split import nbytes, num_blocks, split_model, split_step, unwrap
 
 SERVER_ADAPTER = "server"
 CENTRAL_ADAPTER = "central"
@@ -71,8 +71,39 @@ class Client:
     pos: int = 0
 
 
+BYTE_KINDS = ("smashed_up", "grad_down", "adapter_up", "adapter_down", "weights_down", "calibration_up",
+              "calibration_down")
+
+
 def _zero_bytes() -> dict[str, int]:
-    return {"smashed_up": 0, "grad_down": 0, "adapter_up": 0, "adapter_down": 0, "weights_down": 0}
+    return dict.fromkeys(BYTE_KINDS, 0)
+
+
+def next_indices(c: Client, batch_size: int, seed: int, stream: int) -> list[int]:
+    """Positions (into c.indices) of a client's next mini-batch, advancing c.epoch and c.pos: its partition
+    reshuffled every epoch, deterministically by (seed, stream, epoch)."""
+    out: list[int] = []
+    while len(out) < batch_size:
+        order = np.random.default_rng([seed, stream, c.epoch]).permutation(len(c.indices))
+        take = order[c.pos:c.pos + batch_size - len(out)]
+        out += [int(i) for i in take]
+        c.pos += len(take)
+        if c.pos >= len(c.indices):
+            c.epoch, c.pos = c.epoch + 1, 0
+    return out
+
+
+def calibration_indices(c: Client, batch_size: int, seed: int, stream: int, calibration: int) -> list[int]:
+    """Positions of the client's calibration batch for the given calibration count."""
+    g = np.random.default_rng([seed, stream, 10_000 + calibration])
+    return [int(i) for i in g.choice(len(c.indices), size=min(batch_size, len(c.indices)), replace=False)]
+
+
+def calibration_bytes(batch: dict, hidden: int, p: int, n_client_matrices: int) -> tuple[int, int]:
+    """What a split calibration moves for one client: smashed data, mask and labels plus one float64 score
+    per client-side matrix up; the smashed data's gradient down."""
+    smashed = batch["input_ids"].numel() * hidden * p
+    return smashed + nbytes(batch.get("attention_mask"), batch["labels"]) + 8 * n_client_matrices, smashed
 
 
 class Federation:
@@ -102,6 +133,10 @@ class Federation:
         self.sim_time = 0.0
         self.wall_time = 0.0
         self.missed: set[str] = set()  # clients that were away for an aggregation
+        self.generation = 0  # counts configurations and aggregations: with the seed, it keys adapter restarts
+        self.last_reset: dict[str, int] = {}  # adapter -> generation of its last restart
+        self.merge_log: list[tuple[str, Stacked]] = []  # merges into the frozen weights since last drained
+        self._calibration_bytes: dict[str, dict[str, int]] = {}
         self.pooled = Client("pooled", clients[0].spec, sorted(i for c in clients for i in c.indices))
 
     # ---- set-up and (re)configuration ----------------------------------------------------------
@@ -119,6 +154,9 @@ class Federation:
             self._exclude_clients_that_cannot_hold_the_model()
         if self.tracker is not None:
             self.pm = self.model  # calibrate the frozen model itself
+            if self.method.splits:  # at the split ARMSC picks without importance; RNGWP does not depend on it
+                for c in self.present:
+                    c.split_point = self._plan(uniform=True)[c.name][0]
             self.calibrate()
         self.configure(initial=True)
 
@@ -145,13 +183,14 @@ class Federation:
     def _importance(self):
         return self.tracker.importance() if self.tracker is not None else None
 
-    def _plan(self) -> dict[str, tuple[int, dict[str, int]]]:
-        """Split point and ranks per present client, by the method's policies."""
+    def _plan(self, uniform: bool = False) -> dict[str, tuple[int, dict[str, int]]]:
+        """Split point and ranks per present client, by the method's policies (`uniform`: ignore IWI)."""
         present = self.present
         m, cfg = self.method, self.cfg
         if m.split == "armsc":
             fixed = None if cfg.split_points is None else [cfg.split_points[self.clients.index(c)] for c in present]
-            out = plan(self.config, [c.spec for c in present], self._importance(), cfg.batch_size, cfg.seq_len,
+            out = plan(self.config, [c.spec for c in present], None if uniform else self._importance(),
+                       cfg.batch_size, cfg.seq_len,
                        self.levels, self.p, cfg.headroom, cfg.server_speed, fixed_split_points=fixed)
             return {cp.name: (cp.split_point, cp.ranks) for cp in out.clients}
         if m.split == "weakest":
@@ -188,14 +227,16 @@ class Federation:
     def configure(self, initial: bool = False) -> dict[str, int]:
         """(Re)plan split points and ranks and rebuild the adapters that changed. Returns, per client, the
         bytes of merged weights it must download for the layers it newly hosts."""
+        self.generation += 1
+        downloads = {}
         if not initial and self.aggregator is not None and self.method.aggregator not in MERGING:
+            downloads = self._fold_bytes()
             self._fold_global_deltas()  # persistent adapters: merge what they learned before rebuilding
         new = self._plan()
-        downloads = {}
         for c in self.present:
             s, ranks = new[c.name]
             if not initial and s > c.split_point and self.method.splits:
-                downloads[c.name] = (s - c.split_point) * self.dims.block_params * self.p
+                downloads[c.name] = downloads.get(c.name, 0) + (s - c.split_point) * self.dims.block_params * self.p
             changed = initial or (s, ranks) != (c.split_point, c.ranks)
             c.split_point, c.ranks = s, ranks
             if changed:
@@ -228,6 +269,13 @@ class Federation:
             self.pm.delete_adapter(name)
         if any(r > 0 for r in ranks.values()):
             self.pm = add_adapters(self.pm if self.pm is not None else self.model, ranks, adapter=name)
+            for n in adapter_names(self.pm, name):
+                self._restart(n, name)
+            self.last_reset[name] = self.generation
+
+    def _restart(self, name: str, adapter: str) -> None:
+        """Restart one adapter matrix from the seed keyed by (seed, adapter, matrix, generation)."""
+        restart_adapter(self.pm, name, adapter, restart_seed(self.cfg.seed, adapter, name, self.generation))
 
     def _has_adapter(self, name: str) -> bool:
         return self.pm is not None and unwrap(self.pm) is not self.pm and name in self.pm.peft_config
@@ -245,23 +293,19 @@ class Federation:
 
     # ---- data -----------------------------------------------------------------------------------
 
+    def stream(self, c: Client) -> int:
+        """The client's data stream number (the pooled client of the centralised methods comes last)."""
+        return self.clients.index(c) if c in self.clients else len(self.clients)
+
+    def _batch(self, c: Client, positions: list[int]) -> dict:
+        return {k: v.to(self.device) for k, v in self.collate([self.data[c.indices[i]] for i in positions]).items()}
+
     def _next_batch(self, c: Client) -> dict:
-        """The client's next mini-batch: its partition reshuffled every epoch, deterministically by seed."""
-        items = []
-        while len(items) < self.cfg.batch_size:
-            stream = self.clients.index(c) if c in self.clients else len(self.clients)
-            order = np.random.default_rng([self.cfg.seed, stream, c.epoch]).permutation(len(c.indices))
-            take = order[c.pos:c.pos + self.cfg.batch_size - len(items)]
-            items += [self.data[c.indices[i]] for i in take]
-            c.pos += len(take)
-            if c.pos >= len(c.indices):
-                c.epoch, c.pos = c.epoch + 1, 0
-        return {k: v.to(self.device) for k, v in self.collate(items).items()}
+        return self._batch(c, next_indices(c, self.cfg.batch_size, self.cfg.seed, self.stream(c)))
 
     def _calibration_batch(self, c: Client) -> dict:
-        g = np.random.default_rng([self.cfg.seed, self.clients.index(c), 10_000 + self.calibrations])
-        take = g.choice(len(c.indices), size=min(self.cfg.batch_size, len(c.indices)), replace=False)
-        return {k: v.to(self.device) for k, v in self.collate([self.data[c.indices[i]] for i in take]).items()}
+        return self._batch(c, calibration_indices(c, self.cfg.batch_size, self.cfg.seed, self.stream(c),
+                                                  self.calibrations))
 
     # ---- IWI ------------------------------------------------------------------------------------
 
@@ -275,7 +319,13 @@ class Federation:
             if self._has_adapter(c.name):
                 self._activate(c)
             split = c.split_point if self.method.splits and 0 < c.split_point < self.L else None
-            s = rngwp_scores(self.pm, self._calibration_batch(c), split_point=split)
+            batch = self._calibration_batch(c)
+            s = rngwp_scores(self.pm, batch, split_point=split)
+            if split is not None:
+                up, down = calibration_bytes(batch, self.dims.d, self.p, len(side_matrices(self.config, split, "client")))
+                b = self._calibration_bytes.setdefault(c.name, {"calibration_up": 0, "calibration_down": 0})
+                b["calibration_up"] += up
+                b["calibration_down"] += down
             for n, v in s.items():
                 scores[n] += len(c.indices) / total * v
         self.tracker.update(scores)
@@ -321,12 +371,30 @@ class Federation:
         return {"reasons": reasons, "reconfigured": reconfigure, "weights_down": downloads}
 
     def _catch_up_bytes(self, c: Client) -> int:
-        """What a returning client downloads: the merged weights of its device-side matrices that changed
-        while it was away, or, for non-merging aggregators, its device-side adapter factors."""
+        """What a returning client downloads: the merged weights of its device-side matrices that have been
+        merged into and, for non-merging aggregators, its device-side adapter factors."""
         device = [m for m in self.matrices if m.layer < min(c.split_point, self.L)]
+        merged = sum(m.d_in * m.d_out * self.p for m in device if m.name in self.touched)
         if self.method.aggregator in MERGING:
-            return sum(m.d_in * m.d_out * self.p for m in device if m.name in self.touched)
-        return sum(c.ranks.get(m.name, 0) * m.rank1_cost * 4 for m in device)
+            return merged
+        return merged + sum(c.ranks.get(m.name, 0) * m.rank1_cost * 4 for m in device)
+
+    def _fold_bytes(self) -> dict[str, int]:
+        """Before a rebuild, non-merging methods fold the global deltas into the frozen weights: each present
+        client downloads the factors of those on its device side."""
+        out = {}
+        for c in self.present:
+            b = sum(st.rank * (st.A.shape[1] + st.B.shape[0]) * 4 for n, st in self.global_deltas.items()
+                    if self._layer(n) < min(c.split_point, self.L))
+            if b:
+                out[c.name] = b
+        return out
+
+    def _drain_calibration_bytes(self, bytes_) -> None:
+        for name, b in self._calibration_bytes.items():
+            for k, v in b.items():
+                bytes_[name][k] += v
+        self._calibration_bytes = {}
 
     # ---- one round ------------------------------------------------------------------------------
 
@@ -433,6 +501,7 @@ class Federation:
                     step_bytes[c.name] = sum(b.values())
                 sim += self._step_time(step_bytes)
                 self.local_step += 1
+            self._drain_calibration_bytes(bytes_)
             sim += self._aggregate(bytes_)
             self.missed |= {c.name for c in self.clients if not c.present}
         self.sim_time += sim
@@ -444,6 +513,7 @@ class Federation:
     def _aggregate(self, bytes_) -> float:
         """Aggregate every matrix of every client (wherever its adapter lives); returns the transfer seconds."""
         name = self.method.aggregator
+        self.generation += 1
         for m in self.matrices:
             holders = [c for c in self.clients if c.ranks.get(m.name, 0) > 0 and self._has_adapter(c.name)
                        and not (self.method.server == "shared" and self._layer(m.name) >= c.split_point)]
@@ -464,7 +534,8 @@ class Federation:
                 if agg.merge is not None:
                     self._merge(m.name, agg.merge)
                 for c in holders:
-                    reset_adapter(self.pm, m.name, c.name)
+                    self._restart(m.name, c.name)
+                    self.last_reset[c.name] = self.generation
                 rank_sum = agg.merge.rank if agg.merge is not None else 0
                 for c in self.present:  # a client hosting the layer without an adapter there still merges
                     if c not in holders and self._layer(m.name) < c.split_point and rank_sum:
@@ -485,6 +556,7 @@ class Federation:
     def _merge(self, name: str, stacked: Stacked) -> None:
         merge_delta(self.pm, name, stacked.delta())
         self.touched.add(name)
+        self.merge_log.append((name, stacked))
 
     def _fold_global_deltas(self) -> None:
         """Merge the global model's deltas into the frozen weights and restart every adapter."""
@@ -493,7 +565,8 @@ class Federation:
         self.global_deltas = {}
         for adapter in list(self.pm.peft_config):
             for n in adapter_names(self.pm, adapter):
-                reset_adapter(self.pm, n, adapter)
+                self._restart(n, adapter)
+            self.last_reset[adapter] = self.generation
 
     # ---- evaluation -----------------------------------------------------------------------------
 
@@ -552,6 +625,7 @@ class Federation:
             "adapters": {},
             "global_deltas": {n: (st.B, st.A) for n, st in self.global_deltas.items()},
             "calibrations": self.calibrations, "local_step": self.local_step, "pending": list(self.pending),
+            "generation": self.generation, "last_reset": dict(self.last_reset),
             "configured_state": self.configured_state, "sim_time": self.sim_time, "wall_time": self.wall_time,
             "tracker": None if self.tracker is None else {
                 k: getattr(self.tracker, k) for k in ("t", "ibar", "history", "_g_config", "_budgets_config",
@@ -591,6 +665,7 @@ class Federation:
         self.touched = set(state["touched"])
         self.global_deltas = {n: Stacked(B, A) for n, (B, A) in state["global_deltas"].items()}
         self.calibrations, self.local_step = state["calibrations"], state["local_step"]
+        self.generation, self.last_reset = state["generation"], dict(state["last_reset"])
         self.pending, self.configured_state = state["pending"], state["configured_state"]
         self.sim_time, self.wall_time = state["sim_time"], state["wall_time"]
         if self.tracker is not None and state["tracker"] is not None:

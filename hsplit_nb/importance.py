@@ -31,6 +31,43 @@ def _score(weight: torch.Tensor, grad: torch.Tensor, cost: int) -> float:
     return float((weight.detach() * grad).abs().sum()) / cost
 
 
+@contextlib.contextmanager
+def scoring(model, names):
+    """Calibration mode for the matrices `names`: eval mode (no dropout noise in the estimate) and their
+    frozen weights requiring grad; both restored afterwards. Yields the weights."""
+    was_training = model.training
+    model.eval()
+    try:
+        with _base_grads(model, names) as weights:
+            yield weights
+    finally:
+        model.train(was_training)
+
+
+def side_matrices(config, split_point: int | None, side: str) -> list:
+    """The candidate matrices on one side of a split ("client": blocks below it, "server": the rest)."""
+    matrices = candidate_matrices(config)
+    if split_point is None:
+        return matrices if side == "server" else []
+    return [m for m in matrices if (m.layer < split_point) == (side == "client")]
+
+
+def server_scores(server, received: torch.Tensor, mask, labels, matrices, weights) -> tuple[dict, torch.Tensor]:
+    """The server's half of a split calibration: RNGWP of its matrices and the smashed data's gradient."""
+    received.requires_grad_(True)
+    loss = server(received, mask, labels).loss
+    grads = torch.autograd.grad(loss, [received] + list(weights))
+    return {m.name: _score(w, g, m.rank1_cost) for m, w, g in zip(matrices, weights, grads[1:])}, grads[0]
+
+
+def client_scores(smashed: torch.Tensor, grad: torch.Tensor, matrices, weights) -> dict[str, float]:
+    """The client's half: RNGWP of its matrices from the gradient the server sent down."""
+    if not matrices:
+        return {}
+    grads = torch.autograd.grad(smashed, list(weights), grad_outputs=grad)
+    return {m.name: _score(w, g, m.rank1_cost) for m, w, g in zip(matrices, weights, grads)}
+
+
 def rngwp_scores(model, batch: dict, split_point: int | None = None) -> dict[str, float]:
     """RNGWP of every candidate matrix on one batch: {matrix name: S_m / (d_in + d_out)}.
 
@@ -39,31 +76,22 @@ def rngwp_scores(model, batch: dict, split_point: int | None = None) -> dict[str
     scores its blocks, sends the smashed data's gradient down, and the client scores its own blocks; only
     scalars would leave either side. The scores are the same either way.
     """
-    matrices = candidate_matrices(unwrap(model).config)
-    names = [m.name for m in matrices]
-    cost = {m.name: m.rank1_cost for m in matrices}
-    was_training = model.training
-    model.eval()  # no dropout noise in the importance estimate
-    try:
-        with _base_grads(model, names) as weights:
-            if split_point is None:
-                loss = model(**batch).loss
-                grads = torch.autograd.grad(loss, weights)
-                return {n: _score(w, g, cost[n]) for n, w, g in zip(names, weights, grads)}
-            client, server = split_model(model, split_point)
-            smashed = client(batch["input_ids"], batch.get("attention_mask"))
-            received = smashed.detach().requires_grad_(True)
-            loss = server(received, batch.get("attention_mask"), batch["labels"]).loss
-            layer = {m.name: m.layer for m in matrices}
-            srv = [i for i, n in enumerate(names) if layer[n] >= split_point]
-            cli = [i for i, n in enumerate(names) if layer[n] < split_point]
-            server_grads = torch.autograd.grad(loss, [received] + [weights[i] for i in srv])
-            client_grads = torch.autograd.grad(smashed, [weights[i] for i in cli], grad_outputs=server_grads[0])
-            scores = {names[i]: _score(weights[i], g, cost[names[i]]) for i, g in zip(srv, server_grads[1:])}
-            scores.update({names[i]: _score(weights[i], g, cost[names[i]]) for i, g in zip(cli, client_grads)})
-            return {n: scores[n] for n in names}
-    finally:
-        model.train(was_training)
+    config = unwrap(model).config
+    names = [m.name for m in candidate_matrices(config)]
+    with scoring(model, names) as weights:
+        if split_point is None:
+            loss = model(**batch).loss
+            grads = torch.autograd.grad(loss, weights)
+            cost = {m.name: m.rank1_cost for m in candidate_matrices(config)}
+            return {n: _score(w, g, cost[n]) for n, w, g in zip(names, weights, grads)}
+        weight = dict(zip(names, weights))
+        cli, srv = side_matrices(config, split_point, "client"), side_matrices(config, split_point, "server")
+        client, server = split_model(model, split_point)
+        smashed = client(batch["input_ids"], batch.get("attention_mask"))
+        scores, grad = server_scores(server, smashed.detach(), batch.get("attention_mask"), batch["labels"], srv,
+                                     [weight[m.name] for m in srv])
+        scores.update(client_scores(smashed, grad, cli, [weight[m.name] for m in cli]))
+        return {n: scores[n] for n in names}
 
 
 class ImportanceTracker:

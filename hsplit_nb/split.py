@@ -135,6 +135,31 @@ class StepResult:
     bytes_down: int  # server -> client: gradient of the smashed data
 
 
+def server_update(server: ServerPart, received: torch.Tensor, mask: torch.Tensor | None, labels: torch.Tensor,
+                  server_opt: torch.optim.Optimizer | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The server's stage of a step on received smashed data (a leaf): forward, loss, backward, optimizer
+    step. Returns the loss and the smashed data's gradient, which goes back to the client."""
+    received.requires_grad_(True)
+    out = server(received, mask, labels)
+    if server_opt is not None:
+        server_opt.zero_grad(set_to_none=True)
+    out.loss.backward()
+    if server_opt is not None:
+        server_opt.step()
+    return out.loss.detach(), received.grad
+
+
+def client_update(smashed: torch.Tensor, grad: torch.Tensor, client_opt: torch.optim.Optimizer | None) -> None:
+    """The client's last stage: backward from the received gradient through the graph kept since the
+    forward, and an optimizer step (nothing to do if the client trains nothing)."""
+    if smashed.requires_grad:
+        if client_opt is not None:
+            client_opt.zero_grad(set_to_none=True)
+        smashed.backward(grad)
+        if client_opt is not None:
+            client_opt.step()
+
+
 def split_step(client: ClientPart, server: ServerPart, batch: dict,
                client_opt: torch.optim.Optimizer | None, server_opt: torch.optim.Optimizer | None) -> StepResult:
     """One local step of split learning, in the five stages of the protocol."""
@@ -142,21 +167,9 @@ def split_step(client: ClientPart, server: ServerPart, batch: dict,
     # 1. client forward
     smashed = client(input_ids, mask)
     # 2. the cut: the server receives a leaf tensor, so its backward stops here
-    received = smashed.detach().requires_grad_(True)
-    # 3. server forward, loss, backward and optimizer step
-    out = server(received, mask, labels)
-    if server_opt is not None:
-        server_opt.zero_grad(set_to_none=True)
-    out.loss.backward()
-    if server_opt is not None:
-        server_opt.step()
-    # 4. the smashed data's gradient goes back to the client
-    grad = received.grad
-    # 5. client backward and optimizer step (nothing to do if the client trains nothing)
-    if smashed.requires_grad:
-        if client_opt is not None:
-            client_opt.zero_grad(set_to_none=True)
-        smashed.backward(grad)
-        if client_opt is not None:
-            client_opt.step()
-    return StepResult(loss=out.loss.item(), bytes_up=nbytes(received, mask, labels), bytes_down=nbytes(grad))
+    received = smashed.detach()
+    # 3. server forward, loss, backward and optimizer step; 4. the gradient goes back
+    loss, grad = server_update(server, received, mask, labels, server_opt)
+    # 5. client backward and optimizer step
+    client_update(smashed, grad, client_opt)
+    return StepResult(loss=loss.item(), bytes_up=nbytes(received, mask, labels), bytes_down=nbytes(grad))

@@ -4,7 +4,7 @@ import torch
 
 from hsplit_nb.adapters import (
     add_adapters, adapter_names, base_weight, candidate_matrices, lora_config, lora_layer, merge_delta,
-    read_adapter, reset_adapter, resolve_ranks, write_adapter,
+    read_adapter, reset_adapter, resolve_ranks, restart_adapter, restart_seed, write_adapter,
 )
 from hsplit_nb.models import tiny_model
 from hsplit_nb.split import unwrap
@@ -138,3 +138,20 @@ def test_merge_delta_shape_error(family):
     with pytest.raises(ValueError, match="does not fit"):
         merge_delta(model, name, torch.zeros(3, 3))
     assert unwrap(model) is model
+
+
+def test_restart_adapter_is_keyed_by_its_seed_and_starts_at_zero_delta(tiny):
+    model, _ = tiny
+    pm = add_adapters(model, 4)
+    n = adapter_names(pm)[0]
+
+    seed = restart_seed(0, "c1", n, 3)
+    assert seed == restart_seed(0, "c1", n, 3) and seed != restart_seed(0, "c1", n, 4) != restart_seed(0, "c2", n, 3)
+    restart_adapter(pm, n, "default", seed)
+    first = read_adapter(pm, n)
+    assert first.B.abs().sum() == 0 and first.delta().abs().sum() == 0 and first.A.abs().sum() > 0
+    bound = 1 / first.A.shape[1] ** 0.5  # peft's Kaiming-uniform with a = sqrt(5): U(-1/sqrt(fan_in), +)
+    assert first.A.abs().max() <= bound
+    torch.manual_seed(123)  # the global generator plays no part
+    restart_adapter(pm, n, "default", seed)
+    torch.testing.assert_close(read_adapter(pm, n).A, first.A, atol=0, rtol=0)

@@ -7,7 +7,9 @@ import pandas as pd
 import pytest
 import torch
 
-from hsplit_nb.adapters import adapter_names, add_adapters, base_weight, merge_delta, read_adapter, reset_adapter
+from hsplit_nb.adapters import (
+    adapter_names, add_adapters, base_weight, merge_delta, read_adapter, restart_adapter, restart_seed,
+)
 from hsplit_nb.data import E2EDataset, Collator, load_builtin
 from hsplit_nb.experiment import ExperimentConfig, run_experiment
 from hsplit_nb.federation import Client, FedSettings, Federation
@@ -59,8 +61,10 @@ def test_one_client_naa_equals_centralised_lora_with_the_same_merges():
 
     # the reference: one unsplit model, plain LoRA steps on the same batches, the same merges and restarts
     model, _ = tiny_model("llama")
-    torch.manual_seed(0)
     pm = add_adapters(model, ranks)
+    generation = 1  # the initial configuration; every aggregation counts one more
+    for n in adapter_names(pm):
+        restart_adapter(pm, n, "default", restart_seed(0, "c0", n, generation))
     collate = Collator(tok.pad_token_id)
     order_state = {"epoch": 0, "pos": 0}
 
@@ -83,9 +87,11 @@ def test_one_client_naa_equals_centralised_lora_with_the_same_merges():
             opt.zero_grad()
             pm(**next_batch()).loss.backward()
             opt.step()
+        generation += 1
         for n in names:
             merge_delta(pm, n, read_adapter(pm, n).delta())
-            reset_adapter(pm, n)
+            restart_adapter(pm, n, "default", restart_seed(0, "c0", n, generation))
+    assert fed.generation == generation
     for n in names:
         torch.testing.assert_close(base_weight(fed.pm, n), base_weight(pm, n), atol=1e-5, rtol=0)
         torch.testing.assert_close(read_adapter(fed.pm, n, "c0").A, read_adapter(pm, n).A, atol=1e-5, rtol=0)
