@@ -316,22 +316,31 @@ class Federation:
         total = sum(len(c.indices) for c in present)
         scores = {m.name: 0.0 for m in self.matrices}
         for c in present:
-            if self._has_adapter(c.name):
-                self._activate(c)
-            split = c.split_point if self.method.splits and 0 < c.split_point < self.L else None
-            batch = self._calibration_batch(c)
-            s = rngwp_scores(self.pm, batch, split_point=split)
-            if split is not None:
-                up, down = calibration_bytes(batch, self.dims.d, self.p, len(side_matrices(self.config, split, "client")))
-                b = self._calibration_bytes.setdefault(c.name, {"calibration_up": 0, "calibration_down": 0})
-                b["calibration_up"] += up
-                b["calibration_down"] += down
-            for n, v in s.items():
+            for n, v in self._client_rngwp(c).items():
                 scores[n] += len(c.indices) / total * v
         self.tracker.update(scores)
         self.calibrations += 1
         if self.configured_state is not None:
             self.pending = self.tracker.trigger()  # importance only; resources are checked at the boundary
+
+    def _calibration_split(self, c: Client) -> int | None:
+        return c.split_point if self.method.splits and 0 < c.split_point < self.L else None
+
+    def _client_rngwp(self, c: Client) -> dict[str, float]:
+        """RNGWP of every matrix on the client's calibration batch, by the split protocol at its split."""
+        if self._has_adapter(c.name):
+            self._activate(c)
+        split = self._calibration_split(c)
+        batch = self._calibration_batch(c)
+        if split is not None:
+            self._count_calibration(c, *calibration_bytes(batch, self.dims.d, self.p,
+                                                          len(side_matrices(self.config, split, "client"))))
+        return rngwp_scores(self.pm, batch, split_point=split)
+
+    def _count_calibration(self, c: Client, up: int, down: int) -> None:
+        b = self._calibration_bytes.setdefault(c.name, {"calibration_up": 0, "calibration_down": 0})
+        b["calibration_up"] += up
+        b["calibration_down"] += down
 
     # ---- round boundary: events and reconfiguration -------------------------------------------
 
@@ -432,6 +441,17 @@ class Federation:
         device_opt.step()
         return loss.item(), {}
 
+    def _local_step(self, opts, bytes_, losses) -> dict[str, int]:
+        """One local step of every present client (in index order); returns the bytes each moved."""
+        step_bytes = {}
+        for c in self.present:
+            loss, b = self._client_step(c, opts)
+            losses.append(loss)
+            for k, v in b.items():
+                bytes_[c.name][k] += v
+            step_bytes[c.name] = sum(b.values())
+        return step_bytes
+
     def _central_steps(self, n_steps: int) -> list[float]:
         """CenLoRA / FT: one model on the pooled data of all clients."""
         model = self.model if self.method.ranks == "full" else self.pm
@@ -492,14 +512,7 @@ class Federation:
                     self.calibrate()
                     self.pm.train()
                     sim += self._step_time({})  # a calibration costs about one step
-                step_bytes = {}
-                for c in self.present:
-                    loss, b = self._client_step(c, opts)
-                    losses.append(loss)
-                    for k, v in b.items():
-                        bytes_[c.name][k] += v
-                    step_bytes[c.name] = sum(b.values())
-                sim += self._step_time(step_bytes)
+                sim += self._step_time(self._local_step(opts, bytes_, losses))
                 self.local_step += 1
             self._drain_calibration_bytes(bytes_)
             sim += self._aggregate(bytes_)
