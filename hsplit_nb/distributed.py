@@ -92,9 +92,14 @@ class RemoteFederation(Federation):
     """The server's federation: every decision and every number as in `Federation`, the client stages
     run in client k's process (rank k + 1)."""
 
-    def __init__(self, *args, wire: Wire, on_lost=None, **kwargs):
+    def __init__(self, *args, wire: Wire, dead: set | None = None, on_lost=None, kill_at=None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.wire = wire
+        self.wire, self.kill_at = wire, kill_at
+        self.dead = set() if dead is None else dead  # client processes lost earlier in this launch
+        for c in self.clients:
+            if c.name in self.dead:
+                c.present, c.excluded = False, True
+        self.step_in_round = 0
         self.notes: list[str] = []
         self.lost: dict[str, str] = {}
         self.on_lost = on_lost
@@ -105,6 +110,7 @@ class RemoteFederation(Federation):
     def _lose(self, c: Client, exc: BaseException) -> None:
         """A client that died or timed out leaves for good; the round goes on with those present."""
         c.present, c.excluded = False, True
+        self.dead.add(c.name)
         self.lost[c.name] = str(exc)
         self.notes.append(f"lost: {c.name} ({exc})")
         print(f"[server] lost client {c.name}: {exc}", file=sys.stderr, flush=True)
@@ -142,6 +148,9 @@ class RemoteFederation(Federation):
 
     def load_state(self, state: dict) -> None:
         super().load_state(state)
+        for c in self.clients:
+            if c.name in self.dead:
+                c.present, c.excluded = False, True
         if not self.method.federated:
             return
         self._hello()
@@ -217,7 +226,7 @@ class RemoteFederation(Federation):
 
     def run_round(self, r: int, weights_down=None) -> dict:
         if self.method.federated:
-            self.round = r
+            self.round, self.step_in_round = r, 0
             self._each(self.present, lambda c: self.wire.send_obj(self.rank(c), {"op": "round", "round": r}))
         rec = super().run_round(r, weights_down)
         rec["reasons"], self.notes = self.notes, []
@@ -225,6 +234,10 @@ class RemoteFederation(Federation):
 
     def _local_step(self, opts, bytes_, losses) -> dict[str, int]:
         present = list(self.present)
+        self.step_in_round += 1
+        if self.kill_at == (self.round, self.step_in_round):
+            print(f"[server] killing myself (fault injection) in round {self.round}", file=sys.stderr, flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
         self._each(present, lambda c: self.wire.send_obj(self.rank(c), {"op": "step"}))  # clients start at once
         step_bytes = {}
 
@@ -379,6 +392,7 @@ class ClientWorker:
             msg = self.wire.recv_obj(SERVER, timeout=self.idle_timeout)
             op = msg["op"]
             if op == "end":
+                self.wire.send_obj(SERVER, {"bye": self.name})
                 return
             getattr(self, f"op_{op}")(msg)
 
@@ -504,7 +518,8 @@ def _parse_kill(text: str | None):
         name, r, s = text.split(":")
         return name, int(r), int(s)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--kill must look like c1:2:1 (client:round:step), got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"--kill must look like c1:2:1 or server:2:1 (who:round:local step), "
+                                         f"got {text!r}") from None
 
 
 def worker_main(argv=None) -> int:
@@ -558,10 +573,12 @@ def _serve(cfg, args, wire: Wire, out: Path, run_experiment) -> int:
     current: dict = {}
     snapshots: list[tuple[str, dict]] = []
     lost: list[dict] = []
+    dead: set[str] = set()
     t0 = time.perf_counter()
 
     def factory(*a, **kw):
-        fed = RemoteFederation(*a, wire=wire, on_lost=lambda n, why: lost.append(
+        kill = args.kill[1:] if args.kill and args.kill[0] == "server" else None
+        fed = RemoteFederation(*a, wire=wire, dead=dead, kill_at=kill, on_lost=lambda n, why: lost.append(
             {"method": fed.method.name, "client": n, "round": getattr(fed, "round", 0), "reason": why}), **kw)
         snapshots.append((fed.method.name, _copy_counts(wire)))
         current["fed"] = fed
@@ -588,9 +605,12 @@ def _serve(cfg, args, wire: Wire, out: Path, run_experiment) -> int:
         traceback.print_exc()
         raise
     finally:
-        for k in range(1, cfg.num_clients + 1):
+        for k in range(1, cfg.num_clients + 1):  # every live client finishes before the done file appears
+            if cfg.client_names()[k - 1] in dead:
+                continue
             try:
                 wire.send_obj(k, {"op": "end"})
+                wire.recv_obj(k, timeout=min(wire.timeout, 30.0))
             except (PeerLost, RuntimeError):
                 pass
         snapshots.append(("", _copy_counts(wire)))
@@ -661,7 +681,12 @@ def launch(config, out, methods=None, *, step_timeout: float = 300.0, idle_timeo
         if not (isinstance(value, (int, float)) and value > 0):
             raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
     if kill is not None:
-        _parse_kill(kill)
+        try:
+            who = _parse_kill(kill)[0]
+        except argparse.ArgumentTypeError as exc:
+            raise ValueError(str(exc)) from None
+        if who not in ["server"] + cfg.client_names():
+            raise ValueError(f"kill: {who!r} is not a participant; choose server or one of {cfg.client_names()}")
     if str(cfg.model) == "smollm2-135m":
         from .models import ensure_smollm2_cache
 
@@ -709,8 +734,8 @@ def launch(config, out, methods=None, *, step_timeout: float = 300.0, idle_timeo
                 raise TimeoutError(f"distributed run still going after {timeout} s; logs in {out / 'logs'}")
             time.sleep(0.5)
         _progress(out, bar, seen)
-        grace = time.time() + 30
-        while time.time() < grace and any(p.poll() is None for p, _ in procs[1:]):
+        grace = time.time() + 3  # clients have said goodbye; after a fault their agents wait on an exit barrier
+        while time.time() < grace and any(p.poll() is None for p, _ in procs):
             time.sleep(0.2)
     finally:
         bar.close()
@@ -739,11 +764,12 @@ def _progress(out: Path, bar, seen: int) -> int:
 
 
 def _stop(procs) -> None:
-    """Stop every torchrun agent still running (after a fault, agents wait on an exit barrier)."""
+    """Stop every torchrun agent still running. After a fault the agents wait on an exit barrier for the
+    dead one (300 s, inside a C++ call that defers SIGTERM), so SIGKILL follows after 2 s."""
     for p, _ in procs:
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGTERM)
-    deadline = time.time() + 15
+    deadline = time.time() + 2
     for p, log in procs:
         try:
             p.wait(timeout=max(0.1, deadline - time.time()))

@@ -1,0 +1,158 @@
+"""Multi-process split training on loopback (tiny LLaMA, gloo): one server and two client processes under
+torchrun equal the in-process federation; the bytes on the wire equal the simulation's accounting; a
+client killed mid-run leaves the server running; a killed server resumes from its checkpoints."""
+import json
+import os
+
+import pandas as pd
+import pytest
+import torch
+
+from hsplit_nb.adapters import base_weight, read_adapter
+from hsplit_nb.distributed import DONE_FILE, launch, wire_bytes, worker_main
+from hsplit_nb.experiment import ExperimentConfig, _Run, load_splits
+from hsplit_nb.federation import BYTE_KINDS
+
+BASE = dict(model="tiny-llama", num_clients=2, budgets=[4_500_000, 11_500_000], budget_unit="bytes", rounds=2,
+            local_steps=3, batch_size=4, seq_len=256, lr=3e-3, iwi_interval=2, val_examples=16, eval_mrs=3,
+            num_beams=1, max_new_tokens=8, final_metrics=False)
+# c0's budget shrinks at round 2: ARMSC moves c1's split deeper (it takes more of the shared latency), so c1
+# must receive the merged weights of the blocks it newly hosts
+GROWTH = [{"type": "budget", "client": "c0", "round": 2, "memory": 3_500_000}]
+COLUMNS = ["val_ppl", "train_loss", "sim_time_s", "bytes_up", "bytes_down", "split_c0", "split_c1", "rank_c0",
+           "rank_c1", "present"]
+TIMEOUTS = dict(step_timeout=60, idle_timeout=120, init_timeout=60, progress=False, timeout=600)
+
+
+def in_process(cfg: ExperimentConfig, method: str):
+    """The simulation of one method: its federation after the last round, its rows and its client rows."""
+    run = _Run(cfg, method, load_splits(cfg), None)
+    rows, client_rows = [], []
+    run.run(rows, client_rows, lambda *a: None)
+    return run.fed, pd.DataFrame(rows), pd.DataFrame(client_rows)
+
+
+def assert_rows_equal(sim: pd.DataFrame, real: pd.DataFrame, rounds=None):
+    sim, real = sim.set_index("round"), real.set_index("round")
+    rounds = list(sim.index) if rounds is None else rounds
+    pd.testing.assert_frame_equal(sim.loc[rounds, COLUMNS], real.loc[rounds, COLUMNS], check_dtype=False,
+                                  atol=1e-5, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def growth_run(tmp_path_factory):
+    cfg = ExperimentConfig(**BASE, events=GROWTH, methods=["hsplitlora"])
+    out = tmp_path_factory.mktemp("dist") / "run"
+    df = launch(cfg, out, dump_clients=True, **TIMEOUTS)
+    return cfg, out, df, in_process(cfg, "hsplitlora")
+
+
+def test_two_clients_with_different_splits_equal_the_in_process_federation(growth_run):
+    cfg, out, df, (fed, sim_rows, sim_clients) = growth_run
+    assert_rows_equal(sim_rows, df)
+    first = df.set_index("round").loc[1]
+    assert first["split_c0"] != first["split_c1"]
+    grown = sim_clients[(sim_clients["round"] == 2) & (sim_clients["client"] == "c1")].iloc[0]
+    assert df.set_index("round").loc[2, "split_c1"] > first["split_c1"] and grown["weights_down"] > 0
+    # the server's merged weights and every adapter it holds
+    server = torch.load(out / "server" / "hsplitlora.pt", weights_only=False)
+    assert set(server["touched"]) == fed.touched and fed.touched
+    for n, w in server["touched"].items():
+        torch.testing.assert_close(w, base_weight(fed.pm, n), atol=1e-5, rtol=0)
+    for adapter, mats in fed.state()["adapters"].items():
+        for n, f in mats.items():
+            torch.testing.assert_close(server["adapters"][adapter][n].A, f.A, atol=1e-5, rtol=0)
+            torch.testing.assert_close(server["adapters"][adapter][n].B, f.B, atol=1e-5, rtol=0)
+    # what each client process holds: its blocks' merged weights and its device-side adapters
+    for c in fed.clients:
+        held = torch.load(out / "clients" / "hsplitlora" / f"{c.name}.pt", weights_only=False)
+        assert held["split_point"] == c.split_point
+        assert held["weights"] and all(int(n.split(".")[2]) < c.split_point for n in held["weights"])
+        for n, w in held["weights"].items():
+            torch.testing.assert_close(w, base_weight(fed.pm, n), atol=1e-5, rtol=0)
+        assert set(held["adapters"]) == {n for n in held["adapters"] if int(n.split(".")[2]) < c.split_point}
+        assert held["adapters"]
+        for n, f in held["adapters"].items():
+            ref = read_adapter(fed.pm, n, c.name)
+            torch.testing.assert_close(f.A, ref.A, atol=1e-5, rtol=0)
+            torch.testing.assert_close(f.B, ref.B, atol=1e-5, rtol=0)
+
+
+def test_bytes_on_the_wire_equal_the_simulated_accounting(growth_run):
+    cfg, out, df, (fed, sim_rows, sim_clients) = growth_run
+    wire = wire_bytes(out).set_index("client")
+    simulated = sim_clients.groupby("client")[list(BYTE_KINDS)].sum()
+    for client in cfg.client_names():
+        for kind in BYTE_KINDS:
+            assert wire.loc[client, kind] == simulated.loc[client, kind], (client, kind)
+    assert simulated["smashed_up"].min() > 0 and simulated["calibration_up"].min() > 0
+    assert simulated["weights_down"].sum() > 0 and simulated["adapter_down"].min() > 0
+    # protocol overhead is counted apart: headers and control messages
+    assert wire["header_up"].min() > 0 and wire["control_down"].min() > 0
+
+
+def test_non_merging_non_split_and_returning_clients_equal_the_simulation(tmp_path):
+    """SplitLoRA (shared server adapter, FedAvg, fold on reconfiguration), HetLoRA (no split) and the
+    zero-padding ablation, with c1 away for round 2 (it catches up on return) and c0's budget growing."""
+    methods = ["splitlora", "hetlora", "hsplitlora-no-naa"]
+    events = [{"type": "dropout", "client": "c1", "start": 2, "end": 2},
+              {"type": "budget", "client": "c0", "round": 3, "memory": 11_500_000}]
+    cfg = ExperimentConfig(**{**BASE, "rounds": 3, "local_steps": 2}, events=events, methods=methods)
+    df = launch(cfg, tmp_path / "run", **TIMEOUTS)
+    wire = wire_bytes(tmp_path / "run").set_index(["method", "client"])
+    for method in methods:
+        _, sim_rows, sim_clients = in_process(cfg, method)
+        assert_rows_equal(sim_rows, df[df["method"] == method])
+        simulated = sim_clients.groupby("client")[list(BYTE_KINDS)].sum()
+        for client in cfg.client_names():
+            for kind in BYTE_KINDS:
+                assert wire.loc[(method, client), kind] == simulated.loc[client, kind], (method, client, kind)
+        returned = sim_clients[(sim_clients["round"] == 3) & (sim_clients["client"] == "c1")].iloc[0]
+        assert returned["weights_down"] > 0, method  # the catch-up crossed the wire
+
+
+def test_a_killed_client_leaves_the_server_running_and_is_recorded_as_lost(tmp_path):
+    cfg = ExperimentConfig(**{**BASE, "rounds": 3, "local_steps": 2}, methods=["hsplitlora-no-iwi"])
+    df = launch(cfg, tmp_path / "run", kill="c1:2:1", **TIMEOUTS)
+    rows = df.set_index("round")
+    assert list(rows.index) == [0, 1, 2, 3]
+    _, sim_rows, _ = in_process(cfg, "hsplitlora-no-iwi")
+    assert_rows_equal(sim_rows, df, rounds=[0, 1])  # the rounds before the fault are the simulation's
+    assert "lost: c1" in rows.loc[2, "reasons"] and rows.loc[2, "present"] == 1 and rows.loc[3, "present"] == 1
+    assert rows.loc[3, "val_ppl"] < rows.loc[1, "val_ppl"]  # c0 kept training
+    lost = df.attrs["lost"]
+    assert list(lost["client"]) == ["c1"] and list(lost["round"]) == [2]
+    clients = pd.read_csv(tmp_path / "run" / "clients.csv").set_index(["round", "client"])
+    assert clients.loc[(3, "c1"), "smashed_up"] == 0 and clients.loc[(3, "c0"), "smashed_up"] > 0
+
+
+def test_a_killed_server_resumes_from_its_checkpoint_to_the_uninterrupted_numbers(tmp_path):
+    cfg = ExperimentConfig(**{**BASE, "rounds": 3, "local_steps": 2}, methods=["hsplitlora"])
+    out = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="server process exited"):
+        launch(cfg, out, kill="server:2:1", **TIMEOUTS)
+    saved = torch.load(out / "checkpoints" / "hsplitlora.pt", weights_only=False)
+    assert saved["round"] == 1  # round 1 was checkpointed before the server died in round 2
+    df = launch(cfg, out, **TIMEOUTS)
+    _, sim_rows, _ = in_process(cfg, "hsplitlora")
+    assert_rows_equal(sim_rows, df)
+    assert json.loads((out / DONE_FILE).read_text())["status"] == "ok"
+
+
+def test_bad_launch_arguments_are_named(tmp_path):
+    cfg = ExperimentConfig(**BASE, methods=["hsplitlora"])
+    with pytest.raises(ValueError, match="step_timeout must be a positive"):
+        launch(cfg, tmp_path / "x", step_timeout=0)
+    with pytest.raises(ValueError, match="'c7' is not a participant"):
+        launch(cfg, tmp_path / "x", kill="c7:1:1")
+    with pytest.raises(ValueError, match="--kill must look like"):
+        launch(cfg, tmp_path / "x", kill="c1-2")
+
+
+def test_the_worker_refuses_to_start_outside_torchrun(tmp_path, monkeypatch):
+    for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    cfg = ExperimentConfig(**BASE, methods=["hsplitlora"])
+    cfg.save(tmp_path / "c.json")
+    with pytest.raises(SystemExit, match="start this module with torchrun"):
+        worker_main(["--config", str(tmp_path / "c.json"), "--out", str(tmp_path)])
