@@ -1,4 +1,4 @@
-"""Command line: `python -m hsplit_nb reproduce|quickstart|run|plan-paper|make-data`."""
+"""Command line: `python -m hsplit_nb reproduce|quickstart|run|distributed|plan-paper|make-data`."""
 from __future__ import annotations
 
 import argparse
@@ -37,6 +37,19 @@ def main(argv=None) -> int:
     run.add_argument("--data", help="'builtin' or a folder with devset.csv and testset_w_refs.csv (overrides the config)")
     run.add_argument("--methods", nargs="+", help="methods to run (overrides the config)")
     run.add_argument("--out", default="results/experiment", help="output folder (resumes if it holds a stopped run)")
+    dst = sub.add_parser("distributed", help="the experiment with 1 server + K client processes (torchrun, loopback)")
+    dst.add_argument("--config", required=True, help="ExperimentConfig as .json or .yaml")
+    dst.add_argument("--data", help="'builtin' or a folder with devset.csv and testset_w_refs.csv (overrides the config)")
+    dst.add_argument("--methods", nargs="+", help="methods to run (overrides the config)")
+    dst.add_argument("--out", default="results/distributed", help="output folder (resumes if it holds a stopped run)")
+    dst.add_argument("--step-timeout", type=float, default=300.0,
+                     help="seconds the server waits for a client's message before counting it lost")
+    dst.add_argument("--idle-timeout", type=float, default=3600.0,
+                     help="seconds a client waits for the server's next command (evaluation happens meanwhile)")
+    dst.add_argument("--init-timeout", type=float, default=300.0, help="seconds for the process group to form")
+    dst.add_argument("--server-threads", type=int, default=None, help="torch threads of the server (default: all cores)")
+    dst.add_argument("--client-threads", type=int, default=1, help="torch threads of each client process")
+    dst.add_argument("--port", type=int, default=None, help="rendezvous port on 127.0.0.1 (default: a free one)")
     paper = sub.add_parser("plan-paper", help="ARMSC plans for LLaMA-2-7B and GPT-2-L at 5-20 GB (no weights)")
     paper.add_argument("--batch-size", type=int, default=8)
     paper.add_argument("--seq-len", type=int, default=128)
@@ -66,6 +79,27 @@ def main(argv=None) -> int:
         if not metrics.empty:
             print(metrics.drop(columns=["outputs"]).round(4).to_string(index=False))
         print(f"results in {args.out}/")
+        return 0
+
+    if args.command == "distributed":
+        import dataclasses
+
+        from .distributed import launch
+        from .experiment import ExperimentConfig
+
+        cfg = ExperimentConfig.load(args.config)
+        if args.data:
+            cfg = dataclasses.replace(cfg, data=args.data)
+        df = launch(cfg, args.out, args.methods, step_timeout=args.step_timeout, idle_timeout=args.idle_timeout,
+                    init_timeout=args.init_timeout, server_threads=args.server_threads,
+                    client_threads=args.client_threads, port=args.port)
+        final = df.sort_values("round").groupby("method", sort=False).tail(1)
+        print(final[["method", "round", "val_ppl", "present", "wall_time_s"]].to_string(index=False))
+        if not df.attrs["lost"].empty:
+            print("lost clients:\n" + df.attrs["lost"].to_string(index=False))
+        wire = df.attrs["wire"]
+        print("bytes on the wire per method:\n" + wire.groupby("method").sum(numeric_only=True).T.to_string())
+        print(f"results in {args.out}/ (logs in {args.out}/logs)")
         return 0
 
     if args.command == "plan-paper":
