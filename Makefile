@@ -33,6 +33,7 @@ bench: $(STAMP)
 	$(PY) bench/engine_overhead.py
 	$(PY) bench/iwi_cost.py
 	$(PY) bench/memory_model.py
+	$(PY) bench/distributed.py
 
 clean-cache:
 	rm -rf $${HSPLIT_CACHE:-$$HOME/.cache/hsplit_nb}

@@ -660,6 +660,27 @@ def wire_bytes(out) -> pd.DataFrame:
     return pd.DataFrame(rows).fillna(0)
 
 
+def wire_vs_simulated(wire: pd.DataFrame, clients: pd.DataFrame) -> pd.DataFrame:
+    """Per method and kind: bytes counted on the wire and bytes the simulation accounted (clients.csv of
+    the same config), summed over clients and rounds."""
+    from .federation import BYTE_KINDS
+
+    real = wire.groupby("method")[[k for k in BYTE_KINDS if k in wire]].sum().stack()
+    sim = clients.groupby("method")[list(BYTE_KINDS)].sum().stack()
+    table = pd.DataFrame({"wire": real, "simulated": sim}).fillna(0).astype("int64")
+    table.index.names = ["method", "kind"]
+    return table.reset_index()
+
+
+def compare_runs(real: pd.DataFrame, simulated: pd.DataFrame,
+                 columns=("val_ppl", "train_loss", "sim_time_s", "bytes_up", "bytes_down")) -> pd.DataFrame:
+    """Largest absolute difference per method and column between two results tables (same config)."""
+    keys = ["method", "round"]
+    both = real.set_index(keys)[list(columns)].join(simulated.set_index(keys)[list(columns)], rsuffix="_sim")
+    diff = pd.DataFrame({c: (both[c] - both[f"{c}_sim"]).abs() for c in columns})
+    return diff.groupby("method").max().reset_index()
+
+
 def launch(config, out, methods=None, *, step_timeout: float = 300.0, idle_timeout: float = 3600.0,
            init_timeout: float = 300.0, server_threads: int | None = None, client_threads: int | None = 1,
            port: int | None = None, progress: bool = True, kill: str | None = None, dump_clients: bool = False,

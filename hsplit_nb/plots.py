@@ -129,3 +129,18 @@ def plot_trainable(table: pd.DataFrame, ax=None):
     ax.legend(fontsize=8)
     ax.figure.tight_layout()
     return ax.figure
+
+
+def plot_wire_bytes(table: pd.DataFrame, ax=None):
+    """Bytes counted on the wire next to the bytes the simulation accounted, per kind (one method's rows of
+    `hsplit_nb.distributed.wire_vs_simulated`); equal bars are the point."""
+    ax = ax or plt.subplots(figsize=(8, 4))[1]
+    table = table[(table["wire"] > 0) | (table["simulated"] > 0)]
+    x = range(len(table))
+    ax.bar([i - 0.2 for i in x], table["wire"] / 1e6, width=0.4, label="counted on the wire")
+    ax.bar([i + 0.2 for i in x], table["simulated"] / 1e6, width=0.4, label="simulated accounting")
+    ax.set_xticks(list(x), table["kind"], rotation=30, ha="right")
+    ax.set(ylabel="MB (all clients, all rounds)", title="Bytes per kind: multi-process run vs simulation")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8)
+    return ax.figure

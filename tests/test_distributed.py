@@ -156,3 +156,19 @@ def test_the_worker_refuses_to_start_outside_torchrun(tmp_path, monkeypatch):
     cfg.save(tmp_path / "c.json")
     with pytest.raises(SystemExit, match="start this module with torchrun"):
         worker_main(["--config", str(tmp_path / "c.json"), "--out", str(tmp_path)])
+
+
+def test_comparison_tables_and_the_wire_plot(growth_run):
+    from hsplit_nb.distributed import compare_runs, wire_vs_simulated
+    from hsplit_nb.plots import plot_wire_bytes
+
+    cfg, out, df, (fed, sim_rows, sim_clients) = growth_run
+    table = wire_vs_simulated(wire_bytes(out), sim_clients.assign(method="hsplitlora"))
+    assert set(table["kind"]) == set(BYTE_KINDS) and (table["wire"] == table["simulated"]).all()
+    assert table["wire"].sum() > 0
+    diff = compare_runs(df, sim_rows.assign(method="hsplitlora"))
+    assert list(diff["method"]) == ["hsplitlora"] and float(diff.drop(columns="method").max().max()) <= 1e-5
+    off = compare_runs(df.assign(val_ppl=df["val_ppl"] + 1.0), sim_rows.assign(method="hsplitlora"))
+    assert off.loc[0, "val_ppl"] == pytest.approx(1.0)
+    fig = plot_wire_bytes(table)
+    assert len(fig.axes[0].patches) == 2 * int(((table["wire"] > 0) | (table["simulated"] > 0)).sum())

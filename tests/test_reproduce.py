@@ -36,7 +36,7 @@ def test_runner_executes_in_order_and_names_the_failing_cell(tmp_path):
 def test_the_walkthrough_is_complete_and_committed_clean():
     names = [p.name for p in notebooks(NOTEBOOK_DIR)]
     assert names == ["00_quickstart.ipynb", "01_split_engine.ipynb", "02_iwi.ipynb", "03_armsc.ipynb",
-                     "04_naa.ipynb", "05_heterogeneous_experiments.ipynb"]
+                     "04_naa.ipynb", "05_heterogeneous_experiments.ipynb", "06_distributed.ipynb"]
     for p in notebooks(NOTEBOOK_DIR):
         nb = nbformat.read(p, as_version=4)
         tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
