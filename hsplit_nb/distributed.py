@@ -199,8 +199,12 @@ class RemoteFederation(Federation):
                 raise RuntimeError(f"round {r}: no client left to train; lost: "
                                    + "; ".join(f"{k} ({v})" for k, v in self.lost.items())) from exc
             raise
-        self._each([c for c in self.clients if not c.present and not c.excluded],
-                   lambda c: self.wire.send_obj(self.rank(c), {"op": "away", "round": r}))
+        away = [c for c in self.clients if not c.present and c.name not in self.dead]  # keeps their waits short
+        for c in away:
+            try:
+                self.wire.send_obj(self.rank(c), {"op": "away", "round": r})
+            except PeerLost as exc:
+                self._lose(c, exc)
         return info
 
     def _catch_up_bytes(self, c: Client) -> int:
@@ -657,7 +661,7 @@ def wire_bytes(out) -> pd.DataFrame:
                     elif not kind.endswith(("_up", "_down")):
                         row[f"{kind}_{'down' if direction == 'sent' else 'up'}"] = v
             rows.append(row)
-    return pd.DataFrame(rows).fillna(0)
+    return pd.DataFrame(rows, columns=None if rows else ["method", "client"]).fillna(0)
 
 
 def wire_vs_simulated(wire: pd.DataFrame, clients: pd.DataFrame) -> pd.DataFrame:
