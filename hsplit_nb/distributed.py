@@ -37,6 +37,7 @@ from .adapters import (
 )
 from .aggregation import MERGING, hetlora_regulariser
 from .data import Collator, E2EDataset, partition
+from .experiment import _to_bytes
 from .federation import Client, Federation, calibration_indices, next_indices
 from .importance import client_scores, scoring, server_scores, side_matrices
 from .io import atomic_write_bytes, atomic_write_json
@@ -503,14 +504,6 @@ class ClientWorker:
                  if self._has_adapter() else {}}
         buf = _to_bytes(state)
         atomic_write_bytes(self.out / "clients" / self.method.name / f"{self.name}.pt", buf)
-
-
-def _to_bytes(obj) -> bytes:
-    import io
-
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    return buf.getvalue()
 
 
 # ---- the worker entry point (one per torchrun) -------------------------------------------------
