@@ -172,3 +172,23 @@ def test_comparison_tables_and_the_wire_plot(growth_run):
     assert off.loc[0, "val_ppl"] == pytest.approx(1.0)
     fig = plot_wire_bytes(table)
     assert len(fig.axes[0].patches) == 2 * int(((table["wire"] > 0) | (table["simulated"] > 0)).sum())
+
+
+def test_the_command_line_writes_the_same_results_csv_as_the_in_process_runner(tmp_path, capsys):
+    from hsplit_nb.__main__ import main
+
+    cfg = ExperimentConfig(**{**BASE, "rounds": 1, "local_steps": 2, "final_metrics": True, "eval_mrs": 2},
+                           methods=["hsplitlora-no-iwi", "cenlora"])
+    cfg.save(tmp_path / "exp.yaml")
+    assert main(["run", "--config", str(tmp_path / "exp.yaml"), "--out", str(tmp_path / "single")]) == 0
+    assert main(["distributed", "--config", str(tmp_path / "exp.yaml"), "--out", str(tmp_path / "multi"),
+                 "--step-timeout", "60", "--idle-timeout", "120", "--init-timeout", "60"]) == 0
+    printed = capsys.readouterr().out
+    assert "bytes on the wire per method" in printed and "smashed_up" in printed
+    single = pd.read_csv(tmp_path / "single" / "results.csv").drop(columns="wall_time_s")
+    multi = pd.read_csv(tmp_path / "multi" / "results.csv").drop(columns="wall_time_s")
+    assert list(multi.columns) == list(single.columns)
+    pd.testing.assert_frame_equal(multi, single, check_exact=False, atol=1e-5, rtol=0)
+    for name in ("clients.csv", "metrics.csv"):
+        pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "multi" / name), pd.read_csv(tmp_path / "single" / name),
+                                      check_exact=False, atol=1e-5, rtol=0)
