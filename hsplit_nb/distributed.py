@@ -762,8 +762,7 @@ def launch(config, out, methods=None, *, step_timeout: float = 300.0, idle_timeo
     if done["status"] != "ok":
         raise RuntimeError(f"the distributed run failed: {done['error']}; log tail:\n{_tail(out / 'logs' / 'rank0.log')}")
     df = pd.read_csv(out / "results.csv")
-    if "reasons" in df:
-        df["reasons"] = df["reasons"].fillna("")
+    df["reasons"] = df["reasons"].astype(object).where(df["reasons"].notna(), "")  # an empty reason reads as NaN
     df.attrs["wire"] = wire_bytes(out)
     df.attrs["lost"] = pd.DataFrame(done["lost"])
     return df
