@@ -171,7 +171,7 @@ class RemoteFederation(Federation):
         before = {c.name: (c.split_point, dict(c.ranks)) for c in self.clients}
         self.merge_log = []
         downloads = super().configure(initial)
-        folds, self.merge_log = self.merge_log, []
+        folds, self.merge_log = self.merge_log, None
 
         def push(c):
             old = before[c.name][0]
@@ -305,7 +305,7 @@ class RemoteFederation(Federation):
         self._each(present, upload)
         self.merge_log = []
         seconds = super()._aggregate(bytes_)
-        merges, self.merge_log = self.merge_log, []
+        merges, self.merge_log = self.merge_log, None
         merging = self.method.aggregator in MERGING
 
         def apply(c):

@@ -135,7 +135,7 @@ class Federation:
         self.missed: set[str] = set()  # clients that were away for an aggregation
         self.generation = 0  # counts configurations and aggregations: with the seed, it keys adapter restarts
         self.last_reset: dict[str, int] = {}  # adapter -> generation of its last restart
-        self.merge_log: list[tuple[str, Stacked]] = []  # merges into the frozen weights since last drained
+        self.merge_log: list[tuple[str, Stacked]] | None = None  # a list collects merges (distributed server)
         self._calibration_bytes: dict[str, dict[str, int]] = {}
         self.pooled = Client("pooled", clients[0].spec, sorted(i for c in clients for i in c.indices))
 
@@ -155,8 +155,9 @@ class Federation:
         if self.tracker is not None:
             self.pm = self.model  # calibrate the frozen model itself
             if self.method.splits:  # at the split ARMSC picks without importance; RNGWP does not depend on it
+                provisional = self._plan(uniform=True)
                 for c in self.present:
-                    c.split_point = self._plan(uniform=True)[c.name][0]
+                    c.split_point = provisional[c.name][0]
             self.calibrate()
         self.configure(initial=True)
 
@@ -226,7 +227,8 @@ class Federation:
 
     def configure(self, initial: bool = False) -> dict[str, int]:
         """(Re)plan split points and ranks and rebuild the adapters that changed. Returns, per client, the
-        bytes of merged weights it must download for the layers it newly hosts."""
+        bytes of weights it must download: the blocks it newly hosts and, for non-merging aggregators, the
+        global deltas of its device-side matrices folded in before the rebuild."""
         self.generation += 1
         downloads = {}
         if not initial and self.aggregator is not None and self.method.aggregator not in MERGING:
@@ -569,7 +571,8 @@ class Federation:
     def _merge(self, name: str, stacked: Stacked) -> None:
         merge_delta(self.pm, name, stacked.delta())
         self.touched.add(name)
-        self.merge_log.append((name, stacked))
+        if self.merge_log is not None:
+            self.merge_log.append((name, stacked))
 
     def _fold_global_deltas(self) -> None:
         """Merge the global model's deltas into the frozen weights and restart every adapter."""
