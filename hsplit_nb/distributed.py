@@ -35,10 +35,10 @@ from .adapters import (
     adapter_names, adapter_parameters, add_adapters, base_weight, merge_delta, read_adapter, restart_adapter,
     restart_seed, write_adapter,
 )
-from .aggregation import MERGING, hetlora_regulariser
+from .aggregation import MERGING
 from .data import Collator, E2EDataset, partition
 from .experiment import _to_bytes
-from .federation import Client, Federation, calibration_indices, next_indices
+from .federation import Client, FedSettings, Federation, calibration_indices, next_indices, unsplit_step
 from .importance import client_scores, scoring, server_scores, side_matrices
 from .io import atomic_write_bytes, atomic_write_json
 from .methods import get_method
@@ -406,10 +406,19 @@ class ClientWorker:
         self.wire.send_obj(SERVER, {"client": self.name, "pid": os.getpid()})
         self.log(f"method {msg['name']}")
 
-    def op_configure(self, msg) -> None:
-        for n in msg["folds"]:
-            B, A = self.wire.recv(SERVER, "weights_down"), self.wire.recv(SERVER, "weights_down")
+    def _merge_received(self, names, kind: str) -> None:
+        """Merge B_cat @ A_cat, received for each matrix in `names`, into the frozen weights."""
+        for n in names:
+            B, A = self.wire.recv(SERVER, kind), self.wire.recv(SERVER, kind)
             merge_delta(self.pm, n, (B @ A).to(self.cfg.device))
+
+    def _load_received_weights(self, kind: str) -> None:
+        for n, w in self.wire.recv_tensors(SERVER, kind).items():
+            with torch.no_grad():
+                base_weight(self.pm, n).copy_(w)
+
+    def op_configure(self, msg) -> None:
+        self._merge_received(msg["folds"], "weights_down")
         if msg["folded"] and self._has_adapter():
             self._restart_all(msg["generation"])
         if msg["rebuild"]:
@@ -421,15 +430,11 @@ class ClientWorker:
     def op_sync(self, msg) -> None:
         self._rebuild(msg["ranks"], msg["generation"])
         self.split, self.client.epoch, self.client.pos = msg["split_point"], msg["epoch"], msg["pos"]
-        for n, w in self.wire.recv_tensors(SERVER, "sync").items():
-            with torch.no_grad():
-                base_weight(self.pm, n).copy_(w)
+        self._load_received_weights("sync")
         _write_factors(self.pm, self.name, self.wire.recv_tensors(SERVER, "sync"))
 
     def op_catch_up(self, msg) -> None:
-        for n, w in self.wire.recv_tensors(SERVER, "weights_down").items():
-            with torch.no_grad():
-                base_weight(self.pm, n).copy_(w)
+        self._load_received_weights("weights_down")
         if msg["restart"]:
             self._restart_all(msg["generation"])
         _write_factors(self.pm, self.name, self.wire.recv_tensors(SERVER, "weights_down"))
@@ -450,18 +455,9 @@ class ClientWorker:
             os.kill(os.getpid(), signal.SIGKILL)
         batch = self._batch(next_indices(self.client, self.cfg.batch_size, self.cfg.seed, self.index))
         if not self.method.splits:
-            if self.opt is not None:
-                self.opt.zero_grad(set_to_none=True)
             if self._has_adapter():
                 self.pm.base_model.set_adapter([self.name])
-            loss = self.pm(**batch).loss
-            total = loss
-            if self.method.hetlora_lambda:
-                total = loss + self.method.hetlora_lambda * hetlora_regulariser(self.pm, 0.9, adapter=self.name)
-            total.backward()
-            if self.opt is not None:
-                self.opt.step()
-            self.wire.send_obj(SERVER, loss.item())
+            self.wire.send_obj(SERVER, unsplit_step(self.pm, batch, self.opt, self.method, FedSettings.gamma, self.name))
             return
         smashed = self._part()(batch["input_ids"], batch["attention_mask"])
         for t in (smashed, batch["attention_mask"], batch["labels"]):
@@ -487,9 +483,7 @@ class ClientWorker:
         self.wire.send_tensors(SERVER, _factors(self.pm, self.name), "adapter_up")
 
     def op_apply(self, msg) -> None:
-        for n in msg["merges"]:
-            B, A = self.wire.recv(SERVER, "adapter_down"), self.wire.recv(SERVER, "adapter_down")
-            merge_delta(self.pm, n, (B @ A).to(self.cfg.device))
+        self._merge_received(msg["merges"], "adapter_down")
         if msg["restart"]:
             self._restart_all(msg["generation"])
         _write_factors(self.pm, self.name, self.wire.recv_tensors(SERVER, "adapter_down"))

@@ -99,6 +99,21 @@ def calibration_indices(c: Client, batch_size: int, seed: int, stream: int, cali
     return [int(i) for i in g.choice(len(c.indices), size=min(batch_size, len(c.indices)), replace=False)]
 
 
+def unsplit_step(model, batch: dict, opt, method: Method, gamma: float, adapter: str) -> float:
+    """A no-split method's local step on the whole model (HetLoRA adds its self-pruning term); returns the
+    loss without the regulariser."""
+    if opt is not None:
+        opt.zero_grad(set_to_none=True)
+    loss = model(**batch).loss
+    total = loss
+    if method.hetlora_lambda:
+        total = loss + method.hetlora_lambda * hetlora_regulariser(model, gamma, adapter=adapter)
+    total.backward()
+    if opt is not None:
+        opt.step()
+    return loss.item()
+
+
 def calibration_bytes(batch: dict, hidden: int, p: int, n_client_matrices: int) -> tuple[int, int]:
     """What a split calibration moves for one client: smashed data, mask and labels plus one float64 score
     per client-side matrix up; the smashed data's gradient down."""
@@ -433,15 +448,7 @@ class Federation:
             client, server = split_model(self.pm, c.split_point)
             r = split_step(client, server, batch, *opts[c.name])
             return r.loss, {"smashed_up": r.bytes_up, "grad_down": r.bytes_down}
-        device_opt = opts[c.name][0]
-        device_opt.zero_grad(set_to_none=True)
-        loss = self.pm(**batch).loss
-        total = loss
-        if self.method.hetlora_lambda:
-            total = loss + self.method.hetlora_lambda * hetlora_regulariser(self.pm, self.cfg.gamma, adapter=c.name)
-        total.backward()
-        device_opt.step()
-        return loss.item(), {}
+        return unsplit_step(self.pm, batch, opts[c.name][0], self.method, self.cfg.gamma, c.name), {}
 
     def _local_step(self, opts, bytes_, losses) -> dict[str, int]:
         """One local step of every present client (in index order); returns the bytes each moved."""
