@@ -15,19 +15,14 @@ import torch
 from peft import LoraConfig, get_peft_model
 from peft.tuners.lora import LoraLayer
 
-from .models import family_of
+from .architectures import ARCHITECTURES, architecture, num_blocks
 from .split import unwrap
 
 ADAPTER = "default"
 DEFAULT_ALPHA_OVER_R = 2.0
 
-# short kind -> module path inside one block
-CANDIDATES = {
-    "llama": {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
-              "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"},
-    "gpt2": {"c_attn": "attn.c_attn", "attn.c_proj": "attn.c_proj", "c_fc": "mlp.c_fc", "mlp.c_proj": "mlp.c_proj"},
-}
-_BLOCK_PREFIX = {"llama": "model.layers", "gpt2": "transformer.h"}
+# family -> {short kind -> module path inside one block}, from the architecture table
+CANDIDATES = {family: dict(arch.candidates) for family, arch in ARCHITECTURES.items()}
 
 
 @dataclass(frozen=True)
@@ -45,27 +40,18 @@ class Matrix:
         return self.d_in + self.d_out
 
 
-def _shapes(config) -> dict[str, tuple[int, int]]:
-    """(d_in, d_out) of each candidate kind, from the config alone (no weights needed)."""
-    if family_of(config) == "llama":
-        h, inter = config.hidden_size, config.intermediate_size
-        head_dim = getattr(config, "head_dim", None) or h // config.num_attention_heads
-        q, kv = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
-        return {"q": (h, q), "k": (h, kv), "v": (h, kv), "o": (q, h), "gate": (h, inter), "up": (h, inter),
-                "down": (inter, h)}
-    h = config.n_embd
-    inner = config.n_inner or 4 * h
-    return {"c_attn": (h, 3 * h), "attn.c_proj": (h, h), "c_fc": (h, inner), "mlp.c_proj": (inner, h)}
+def layer_of(name: str) -> int:
+    """The block index of a matrix from its name (every family's block path is `<prefix>.<index>.<...>`)."""
+    return int(name.split(".")[2])
 
 
 def candidate_matrices(model_or_config) -> list[Matrix]:
     """Every candidate matrix of every block, in layer order."""
     config = getattr(model_or_config, "config", model_or_config)
-    family = family_of(config)
-    n_layers = config.num_hidden_layers if family == "llama" else config.n_layer
-    shapes = _shapes(config)
-    return [Matrix(f"{_BLOCK_PREFIX[family]}.{layer}.{path}", layer, kind, *shapes[kind])
-            for layer in range(n_layers) for kind, path in CANDIDATES[family].items()]
+    arch = architecture(config)
+    shapes = arch.shapes(config)
+    return [Matrix(f"{arch.blocks}.{layer}.{path}", layer, kind, *shapes[kind])
+            for layer in range(num_blocks(config)) for kind, path in arch.candidates.items()]
 
 
 def resolve_ranks(model_or_config, ranks) -> dict[str, int]:
@@ -103,7 +89,7 @@ def lora_config(model_or_config, ranks, alpha_over_r: float = DEFAULT_ALPHA_OVER
         target_modules=sorted(resolved),
         rank_pattern={re.escape(name): r for name, r in resolved.items()},
         alpha_pattern={re.escape(name): alpha_over_r * r for name, r in resolved.items()},
-        fan_in_fan_out=family_of(config) == "gpt2",
+        fan_in_fan_out=architecture(config).weights_transposed,
     )
 
 
@@ -149,7 +135,7 @@ def adapter_parameters(model, adapter: str = ADAPTER, layers=None) -> list[torch
     """The A and B weights of adapter `adapter` (optionally only on blocks in `layers`), in a fixed order."""
     out = []
     for name in adapter_names(model, adapter):
-        if layers is None or int(name.split(".")[2]) in layers:
+        if layers is None or layer_of(name) in layers:
             layer = lora_layer(model, name, adapter)
             out += [layer.lora_A[adapter].weight, layer.lora_B[adapter].weight]
     return out
@@ -208,7 +194,7 @@ def base_weight(model, name: str) -> torch.nn.Parameter:
 def merge_delta(model, name: str, delta: torch.Tensor) -> None:
     """Add a (d_out x d_in) delta to a matrix's frozen weight (transposed for GPT-2's Conv1D)."""
     weight = base_weight(model, name)
-    stored_transposed = family_of(unwrap(model)) == "gpt2"
+    stored_transposed = architecture(unwrap(model)).weights_transposed
     d = delta.T if stored_transposed else delta
     if tuple(d.shape) != tuple(weight.shape):
         raise ValueError(f"{name}: delta of shape {tuple(delta.shape)} does not fit a weight stored as "

@@ -9,6 +9,7 @@ send factors back.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -154,12 +155,45 @@ def flexlora(adapters, weights) -> Aggregate:
     return Aggregate(factors=out, global_delta=naa(adapters, weights))
 
 
-AGGREGATORS = {"naa": naa_aggregate, "flora": flora_aggregate, "fedavg": fedavg, "hetlora": hetlora,
-               "flexlora": flexlora, "zeropad": zeropad}
-MERGING = ("naa", "flora")  # aggregators that fold the aggregate into the frozen weights and restart
+@dataclass(frozen=True)
+class Aggregator:
+    """An aggregation rule as a behaviour object: how to combine one matrix's adapters, whether the result is
+    merged into the frozen weights (then every adapter restarts) and what it sends each client."""
+    name: str
+    combine: Callable[..., Aggregate]
+    merges: bool  # True: fold the aggregate into every copy of the frozen weight, then restart (NAA, FLoRA)
+
+    def __call__(self, adapters, weights) -> Aggregate:
+        return self.combine(adapters, weights)
+
+    def communication(self, ranks: list[int], d_in: int, d_out: int, on_device: list[bool],
+                      bytes_per_value: int = 4) -> list[dict[str, int]]:
+        """Bytes each client uploads and downloads for one matrix in one aggregation.
+
+        Only device-side adapters travel (the server holds the others). Uploads: the client's own factors.
+        Downloads: a merging rule sends B_cat and A_cat (the sum of the present ranks) to every client hosting
+        the layer, which merges locally; the others send each device-side adapter its new factors."""
+        if len(ranks) != len(on_device):
+            raise ValueError(f"got {len(ranks)} ranks but {len(on_device)} on_device flags")
+        per_rank = (d_in + d_out) * bytes_per_value
+        total_rank = sum(ranks)
+        return [{"up": r * per_rank if dev else 0,
+                 "down": ((total_rank if self.merges else r) * per_rank) if dev else 0}
+                for r, dev in zip(ranks, on_device)]
 
 
-def get_aggregator(name: str):
+AGGREGATORS = {a.name: a for a in [
+    Aggregator("naa", naa_aggregate, merges=True),
+    Aggregator("flora", flora_aggregate, merges=True),
+    Aggregator("fedavg", fedavg, merges=False),
+    Aggregator("hetlora", hetlora, merges=False),
+    Aggregator("flexlora", flexlora, merges=False),
+    Aggregator("zeropad", zeropad, merges=False),
+]}
+MERGING = tuple(name for name, a in AGGREGATORS.items() if a.merges)
+
+
+def get_aggregator(name: str) -> Aggregator:
     if name not in AGGREGATORS:
         raise ValueError(f"unknown aggregator {name!r}; choose one of {sorted(AGGREGATORS)}")
     return AGGREGATORS[name]
@@ -207,23 +241,6 @@ def read_all(models, name: str) -> list[LoraFactors | None]:
 
 def communication(aggregator: str, ranks: list[int], d_in: int, d_out: int, on_device: list[bool],
                   bytes_per_value: int = 4) -> list[dict[str, int]]:
-    """Bytes each client uploads and downloads for one matrix in one aggregation.
-
-    Only device-side adapters travel (the server holds the others). Uploads: the client's own factors.
-    Downloads: NAA/FLoRA send B_cat and A_cat to every client hosting the layer (it merges locally);
-    FedAvg, HetLoRA, FlexLoRA and zero-padding send each device-side adapter its new factors.
-    """
-    get_aggregator(aggregator)
-    if len(ranks) != len(on_device):
-        raise ValueError(f"got {len(ranks)} ranks but {len(on_device)} on_device flags")
-    per_rank = (d_in + d_out) * bytes_per_value
-    total_rank = sum(ranks)
-    out = []
-    for r, dev in zip(ranks, on_device):
-        up = r * per_rank if dev else 0
-        if aggregator in ("naa", "flora"):
-            down = total_rank * per_rank if dev else 0
-        else:  # fedavg, hetlora, flexlora, zeropad: factors at the client's own rank
-            down = r * per_rank if dev else 0
-        out.append({"up": up, "down": down})
-    return out
+    """Bytes each client uploads and downloads for one matrix in one aggregation, by aggregator name
+    (see `Aggregator.communication`)."""
+    return get_aggregator(aggregator).communication(ranks, d_in, d_out, on_device, bytes_per_value)

@@ -9,184 +9,23 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
-import yaml
 from tqdm.auto import tqdm
 
-from .data import (
-    E2E_ATTRIBUTES, E2EDataset, group_references, load_builtin, load_e2e, loader, partition,
-)
-from .federation import Client, FedSettings, Federation, NoClientFits
+from .config import PAPER_BUDGET_FRACTIONS, ExperimentConfig, preset  # noqa: F401  (re-exported)
+from .costs import ClientSpec
+from .data import E2EDataset, group_references, load_builtin, load_e2e, loader, partition
+from .federation import Client, NoClientFits, federation, in_process
 from .io import atomic_write_bytes, atomic_write_json, atomic_write_text
-from .methods import ABLATIONS, METHODS, PAPER_METHODS, get_method
+from .methods import get_method
 from .metrics import e2e_metrics, generate
 from .models import load_model
-from .planner import DEFAULT_BANDWIDTH, ClientSpec, weight_bytes
-
-# the paper's 5-20 GB budgets as fractions of LLaMA-2-7B's fp16 weight bytes (13.48 GB), evenly spaced
-PAPER_BUDGET_FRACTIONS = [round(gb / 13.48, 4) for gb in (5.0, 8.75, 12.5, 16.25, 20.0)]
-
-
-@dataclass
-class ExperimentConfig:
-    """Everything an experiment needs; round-trips through JSON and YAML."""
-    model: str = "smollm2-135m"
-    data: str = "builtin"  # "builtin", or a folder with E2E's devset.csv and testset_w_refs.csv
-    num_clients: int = 5
-    budgets: list = field(default_factory=lambda: list(PAPER_BUDGET_FRACTIONS))
-    budget_unit: str = "weights"  # "weights": fractions of the model's weight bytes; "bytes"
-    speeds: list | None = None  # FLOP/s per client; default proportional to budget
-    bandwidth: float = DEFAULT_BANDWIDTH
-    server_speed: float | None = None
-    partition: str = "iid"
-    dirichlet_alpha: float = 0.5
-    partition_attribute: str = "eatType"
-    rounds: int = 5
-    local_steps: int = 5
-    batch_size: int = 8
-    seq_len: int = 64
-    lr: float = 1e-3
-    ft_lr: float = 5e-5
-    rank_levels: list = field(default_factory=lambda: [0, 2, 4, 8, 16])
-    headroom: float = 0.1
-    split_points: list | None = None  # fixed split point per client for ARMSC methods (null: ARMSC chooses)
-    iwi_interval: int = 5
-    beta_max: float = 0.9
-    delta: float = 0.1
-    seed: int = 0
-    val_fraction: float = 0.1  # E2E folder: share of the development MRs held out for validation PPL
-    val_examples: int = 128
-    eval_mrs: int = 20
-    num_beams: int = 4
-    max_new_tokens: int = 60
-    final_metrics: bool = True
-    events: list = field(default_factory=list)
-    methods: list = field(default_factory=lambda: PAPER_METHODS + ABLATIONS)
-    device: str = "cpu"
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "ExperimentConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown config field(s) {unknown}; known fields: {sorted(known)}")
-        return cls(**d)
-
-    def fingerprint(self) -> str:
-        """A short hash of everything but the method list: one output folder per distinct setting."""
-        import hashlib
-
-        d = {k: v for k, v in self.to_dict().items() if k != "methods"}
-        return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
-
-    def save(self, path) -> Path:
-        path = Path(path)
-        text = yaml.safe_dump(self.to_dict(), sort_keys=False) if path.suffix in (".yaml", ".yml") \
-            else json.dumps(self.to_dict(), indent=2) + "\n"
-        return atomic_write_text(path, text)
-
-    @classmethod
-    def load(cls, path) -> "ExperimentConfig":
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file {path} does not exist")
-        text = path.read_text()
-        data = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a mapping of config fields, got {type(data).__name__}")
-        return cls.from_dict(data)
-
-    def client_names(self) -> list[str]:
-        return [f"c{k}" for k in range(self.num_clients)]
-
-    def validate(self) -> None:
-        """Fail before any training, naming the field."""
-        def bad(field_name, value, allowed):
-            raise ValueError(f"config field {field_name!r}: {value!r} is not allowed; {allowed}")
-
-        for name in self.methods:
-            if name not in METHODS:
-                bad("methods", name, f"choose from {', '.join(METHODS)}")
-        if not self.methods:
-            bad("methods", self.methods, "name at least one method")
-        for f in ("num_clients", "rounds", "local_steps", "batch_size", "seq_len", "iwi_interval", "val_examples",
-                  "eval_mrs", "num_beams", "max_new_tokens"):
-            v = getattr(self, f)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                bad(f, v, "a positive integer")
-        if len(self.budgets) != self.num_clients:
-            bad("budgets", self.budgets, f"one budget per client ({self.num_clients})")
-        for b in self.budgets:
-            if not isinstance(b, (int, float)) or not b > 0 or not math.isfinite(b):
-                bad("budgets", b, "budgets must be positive numbers")
-        if self.budget_unit not in ("weights", "bytes"):
-            bad("budget_unit", self.budget_unit, "'weights' (fractions of the model's weight bytes) or 'bytes'")
-        if self.speeds is not None and (len(self.speeds) != self.num_clients or min(self.speeds) <= 0):
-            bad("speeds", self.speeds, f"{self.num_clients} positive FLOP/s values, or null")
-        for f in ("bandwidth", "lr", "ft_lr", "delta"):
-            if not getattr(self, f) > 0:
-                bad(f, getattr(self, f), "a positive number")
-        if self.server_speed is not None and not self.server_speed > 0:
-            bad("server_speed", self.server_speed, "a positive number or null")
-        if self.partition not in ("iid", "dirichlet"):
-            bad("partition", self.partition, "'iid' or 'dirichlet'")
-        if self.partition_attribute not in E2E_ATTRIBUTES:
-            bad("partition_attribute", self.partition_attribute, f"one of {E2E_ATTRIBUTES}")
-        if not 0 <= self.headroom < 1:
-            bad("headroom", self.headroom, "a number in [0, 1)")
-        if not 0 <= self.beta_max < 1:
-            bad("beta_max", self.beta_max, "a number in [0, 1)")
-        if not 0 < self.val_fraction < 1:
-            bad("val_fraction", self.val_fraction, "a number in (0, 1)")
-        if 0 not in self.rank_levels or any((not isinstance(r, int)) or r < 0 for r in self.rank_levels) \
-                or len(set(self.rank_levels)) < 2:
-            bad("rank_levels", self.rank_levels, "non-negative integers including 0 and at least one positive rank")
-        if self.data != "builtin":
-            d = Path(self.data)
-            if not d.is_dir():
-                bad("data", self.data, "'builtin' or an existing folder with devset.csv and testset_w_refs.csv")
-            for f in ("devset.csv", "testset_w_refs.csv"):
-                if not (d / f).is_file():
-                    bad("data", self.data, f"the folder lacks {f}")
-        if self.split_points is not None:
-            from .models import model_config
-            from .split import num_blocks
-
-            n_blocks = num_blocks(model_config(self.model))
-            if len(self.split_points) != self.num_clients:
-                bad("split_points", self.split_points, f"one split point per client ({self.num_clients}), or null")
-            for s in self.split_points:
-                if isinstance(s, bool) or not isinstance(s, int) or not 1 <= s <= n_blocks - 1:
-                    bad("split_points", s, f"split points must be integers in [1, {n_blocks - 1}] for "
-                                           f"{self.model!r} ({n_blocks} blocks)")
-        names = self.client_names()
-        for i, e in enumerate(self.events):
-            where = f"events[{i}]"
-            if not isinstance(e, dict) or e.get("type") not in ("dropout", "budget"):
-                bad(where, e, "a mapping with type 'dropout' or 'budget'")
-            client = e.get("client")
-            if client not in names and not (isinstance(client, int) and 0 <= client < self.num_clients):
-                bad(f"{where}.client", client, f"one of {names} or an index below {self.num_clients}")
-            if e["type"] == "dropout":
-                if not (isinstance(e.get("start"), int) and isinstance(e.get("end"), int)
-                        and 1 <= e["start"] <= e["end"]):
-                    bad(where, e, "dropout needs integer rounds 1 <= start <= end")
-            else:
-                if not (isinstance(e.get("round"), int) and e["round"] >= 1):
-                    bad(f"{where}.round", e.get("round"), "an integer round >= 1")
-                if not (isinstance(e.get("memory"), (int, float)) and e["memory"] > 0):
-                    bad(f"{where}.memory", e.get("memory"), "a positive budget in the config's budget_unit")
-
 
 # ---- data -------------------------------------------------------------------------------------
 
@@ -216,19 +55,6 @@ def load_splits(cfg: ExperimentConfig) -> Splits:
 
 # ---- running --------------------------------------------------------------------------------------
 
-def _events(cfg: ExperimentConfig, scale: float) -> list[dict]:
-    names = cfg.client_names()
-    out = []
-    for e in cfg.events:
-        e = dict(e)
-        if isinstance(e["client"], int):
-            e["client"] = names[e["client"]]
-        if e["type"] == "budget":
-            e["memory"] = e["memory"] * scale
-        out.append(e)
-    return out
-
-
 def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     random.seed(seed)
@@ -238,24 +64,21 @@ def _seed_everything(seed: int) -> None:
 class _Run:
     """One method within one experiment: build, resume, run rounds, evaluate."""
 
-    def __init__(self, cfg: ExperimentConfig, name: str, splits: Splits, out: Path | None, federation=Federation):
+    def __init__(self, cfg: ExperimentConfig, name: str, splits: Splits, out: Path | None, transport=in_process,
+                 on_lost=None):
         self.cfg, self.name, self.splits, self.out = cfg, name, splits, out
         self.method = get_method(name)
         self.model, self.tok = load_model(cfg.model, device=cfg.device)
         _seed_everything(cfg.seed)
-        self.scale = weight_bytes(self.model.config) if cfg.budget_unit == "weights" else 1.0
-        self.events = _events(cfg, self.scale)
+        self.events = cfg.events_in_bytes(self.model.config)
         parts = partition(list(splits.train["mr"]), cfg.num_clients, cfg.partition, cfg.seed, cfg.dirichlet_alpha,
                           cfg.partition_attribute)
-        clients = [Client(n, ClientSpec(n, b * self.scale, None if cfg.speeds is None else cfg.speeds[k],
-                                        cfg.bandwidth), parts[k])
-                   for k, (n, b) in enumerate(zip(cfg.client_names(), cfg.budgets))]
-        settings = FedSettings(cfg.local_steps, cfg.batch_size, cfg.seq_len, cfg.lr, cfg.ft_lr,
-                               tuple(cfg.rank_levels), cfg.headroom, cfg.iwi_interval, cfg.beta_max, cfg.delta,
-                               cfg.server_speed, seed=cfg.seed, split_points=cfg.split_points)
+        speeds = cfg.speeds or [None] * cfg.num_clients
+        clients = [Client(n, ClientSpec(n, b, speeds[k], cfg.bandwidth), parts[k])
+                   for k, (n, b) in enumerate(zip(cfg.client_names(), cfg.budget_bytes(self.model.config)))]
         train = E2EDataset(splits.train, self.tok, cfg.seq_len)
         self.val_batches = list(loader(E2EDataset(splits.val, self.tok, cfg.seq_len), self.tok, cfg.batch_size))
-        self.fed = federation(self.model, self.tok, self.method, clients, train, settings, cfg.device)
+        self.fed = federation(self.model, self.tok, self.method, clients, train, cfg, cfg.device, transport, on_lost)
 
     @property
     def checkpoint(self) -> Path | None:
@@ -323,12 +146,13 @@ def _to_bytes(obj) -> bytes:
 
 
 def run_experiment(config: ExperimentConfig, methods=None, out_dir=None, progress: bool = True,
-                   on_round=None, federation=Federation) -> pd.DataFrame:
+                   on_round=None, transport=in_process, on_lost=None) -> pd.DataFrame:
     """Run `methods` (default: the config's) and return one row per method and round.
 
     With `out_dir`, results.csv, clients.csv, metrics.csv, config.json and figures are written after
     every round (atomically), and a stopped run resumes from its checkpoints when started again.
-    `federation` builds each method's federation (the distributed server passes its own).
+    `transport` gives the main server its client proxies (in-process by default; the multi-process runner
+    passes remote clients), and `on_lost(method, client, reason)` hears of clients lost mid-run.
     """
     cfg = dataclasses.replace(config, methods=list(methods)) if methods is not None else config
     cfg.validate()
@@ -365,7 +189,8 @@ def run_experiment(config: ExperimentConfig, methods=None, out_dir=None, progres
             on_round(method, row)
 
     for name in todo:
-        run = _Run(cfg, name, splits, out, federation)
+        run = _Run(cfg, name, splits, out, transport,
+                   None if on_lost is None else (lambda client, why, name=name: on_lost(name, client, why)))
         try:
             run.run(rows, client_rows, round_done)
         except NoClientFits as exc:  # a result, not a failure: this method cannot train at these budgets

@@ -1,60 +1,155 @@
-"""Methods as small declarations on one engine: how to split, how to choose ranks, how to aggregate.
+"""Methods as rows of one table: each names the behaviour objects it is made of.
 
-split:      "armsc" (planner), "weakest" (the weakest budget's split for everyone), "none" (no split:
-            each client trains the whole model), "central" (one model on pooled data).
-ranks:      "armsc" (greedy by importance per byte), "weakest" (one uniform rank, the largest the
-            weakest client fits), "budget-order" (uniform per client, rank levels in budget order),
-            "max" (the largest level everywhere), "full" (full fine-tuning, no adapters).
-importance: "iwi" (RNGWP calibrations) or "uniform".
-aggregator: a name from hsplit_nb.aggregation, "zeropad" (average zero-padded A and B, weights n_k),
-            or "none".
-server:     "per-client" (the server keeps each client's server-side adapters) or "shared" (one
-            server-side adapter set trained by every client in turn, as in SplitLoRA).
+A method is a split policy (where each client's part ends), a rank policy (which adapters, at which rank),
+a server-side adapter policy, an aggregator (aggregation.py), and whether IWI calibrates. As in peft's
+PEFT_TYPE_TO_CONFIG_MAPPING, a name maps to behaviour objects here and nowhere else: the engine asks the
+objects (`method.split.splits`, `method.aggregator.merges`, ...), never compares names. The planning rules
+themselves live in planner.py, beside ARMSC.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
+
+from . import planner
+from .aggregation import AGGREGATORS, Aggregator
+
+
+@dataclass(frozen=True)
+class PlanInputs:
+    """What a planning rule sees at a round boundary."""
+    config: object               # the model's transformers config
+    specs: list                  # ClientSpec of each present client, in client order
+    all_specs: list              # ClientSpec of every client (present or not)
+    levels: tuple[int, ...]
+    batch_size: int
+    seq_len: int
+    dtype_bytes: int
+    headroom: float
+    server_speed: float | None
+    importance: dict | None      # Ibar per matrix, None for uniform
+    fixed_splits: list | None    # fixed split point per present client (config `split_points`), or None
+    n_blocks: int
+
+
+@dataclass(frozen=True)
+class SplitPolicy:
+    """Where each present client's part ends: `choose(inputs) -> [split point per present client]`."""
+    name: str
+    federated: bool              # False: one model trained on the pooled data (CenLoRA, FT)
+    splits: bool                 # the model is cut between each client and the main server
+    reconfigures: bool           # replans at a boundary when importance shifts or resources change
+    choose: Callable | None = None
+
+
+@dataclass(frozen=True)
+class RankPolicy:
+    """Which matrices carry adapters and at which rank: `choose(inputs, splits) -> [{matrix: rank}]`."""
+    name: str
+    adapters: bool = True        # False: full fine-tuning, every weight trains
+    step_flops_factor: float = 1.0  # compute of a step relative to LoRA's (FT also computes weight gradients)
+    choose: Callable | None = None
+
+
+@dataclass(frozen=True)
+class ServerAdapterPolicy:
+    """Whose adapters the server holds on the layers past a client's split."""
+    name: str
+    shared: bool                 # one server-side set trained by every client in turn (SplitLoRA)
+
+    def client_ranks(self, ranks: dict[str, int], split_point: int) -> dict[str, int]:
+        """The ranks of a client's own adapter: every matrix, or only its device side when the server's are shared."""
+        if not self.shared:
+            return dict(ranks)
+        return {n: r for n, r in ranks.items() if planner.layer_of(n) < split_point}
+
+
+def _armsc_splits(x: PlanInputs) -> list[int]:
+    if x.fixed_splits is not None:
+        return list(x.fixed_splits)
+    return planner.armsc_splits(x.config, x.specs, x.importance, x.batch_size, x.seq_len, x.levels, x.dtype_bytes,
+                                x.headroom, x.server_speed)
+
+
+def _armsc_ranks(x: PlanInputs, splits) -> list[dict[str, int]]:
+    out = planner.plan(x.config, x.specs, x.importance, x.batch_size, x.seq_len, x.levels, x.dtype_bytes, x.headroom,
+                       x.server_speed, fixed_split_points=list(splits))
+    return [cp.ranks for cp in out.clients]
+
+
+def _weakest_split(x: PlanInputs) -> list[int]:
+    s = planner.weakest_split(x.config, x.specs, x.batch_size, x.seq_len, x.levels, x.dtype_bytes, x.headroom,
+                              x.server_speed)
+    return [s] * len(x.specs)
+
+
+def _uniform_ranks(x: PlanInputs, splits) -> list[dict[str, int]]:
+    r = planner.uniform_rank(x.config, min(s.memory for s in x.specs), splits[0], x.batch_size, x.seq_len, x.levels,
+                             x.dtype_bytes, x.headroom)
+    return [planner.every_matrix(x.config, r)] * len(x.specs)
+
+
+def _budget_order_ranks(x: PlanInputs, splits) -> list[dict[str, int]]:
+    rank_of = planner.budget_order_ranks(x.all_specs, x.levels)
+    return [planner.every_matrix(x.config, rank_of[s.name]) for s in x.specs]
+
+
+ARMSC_SPLIT = SplitPolicy("armsc", federated=True, splits=True, reconfigures=True, choose=_armsc_splits)
+WEAKEST_SPLIT = SplitPolicy("weakest", federated=True, splits=True, reconfigures=True, choose=_weakest_split)
+NO_SPLIT = SplitPolicy("none", federated=True, splits=False, reconfigures=False,
+                       choose=lambda x: [x.n_blocks] * len(x.specs))
+CENTRAL = SplitPolicy("central", federated=False, splits=False, reconfigures=False)
+
+ARMSC_RANKS = RankPolicy("armsc", choose=_armsc_ranks)
+UNIFORM_RANKS = RankPolicy("weakest", choose=_uniform_ranks)
+BUDGET_ORDER_RANKS = RankPolicy("budget-order", choose=_budget_order_ranks)
+MAX_RANKS = RankPolicy("max")
+FULL_FINE_TUNING = RankPolicy("full", adapters=False, step_flops_factor=1.5)
+
+PER_CLIENT_SERVER = ServerAdapterPolicy("per-client", shared=False)
+SHARED_SERVER = ServerAdapterPolicy("shared", shared=True)
 
 
 @dataclass(frozen=True)
 class Method:
     name: str
-    split: str
-    ranks: str
-    importance: str = "uniform"
-    aggregator: str = "naa"
-    server: str = "per-client"
-    hetlora_lambda: float = 0.0  # weight of HetLoRA's self-pruning regulariser
-    strict_memory: bool = False  # no-split methods: charge the whole model, leave out clients it does not fit
+    split: SplitPolicy
+    ranks: RankPolicy
+    iwi: bool = False                      # RNGWP calibrations feed ARMSC
+    aggregator: Aggregator | None = AGGREGATORS["naa"]
+    server: ServerAdapterPolicy = PER_CLIENT_SERVER
+    hetlora_lambda: float = 0.0            # weight of HetLoRA's self-pruning regulariser
+    strict_memory: bool = False            # no-split methods: charge the whole model, leave out clients it does not fit
     description: str = ""
 
     @property
     def splits(self) -> bool:
-        return self.split in ("armsc", "weakest")
+        return self.split.splits
 
     @property
     def federated(self) -> bool:
-        return self.split != "central"
+        return self.split.federated
 
 
+_A = AGGREGATORS
 METHODS = {m.name: m for m in [
-    Method("hsplitlora", "armsc", "armsc", "iwi", "naa", description="HSplitLoRA: IWI + ARMSC + NAA"),
-    Method("splitlora", "weakest", "weakest", "uniform", "fedavg", server="shared",
+    Method("hsplitlora", ARMSC_SPLIT, ARMSC_RANKS, iwi=True, description="HSplitLoRA: IWI + ARMSC + NAA"),
+    Method("splitlora", WEAKEST_SPLIT, UNIFORM_RANKS, aggregator=_A["fedavg"], server=SHARED_SERVER,
            description="SplitLoRA: weakest client's split and rank, shared server adapters, FedAvg"),
-    Method("hetlora", "none", "budget-order", "uniform", "hetlora", hetlora_lambda=1e-3,
+    Method("hetlora", NO_SPLIT, BUDGET_ORDER_RANKS, aggregator=_A["hetlora"], hetlora_lambda=1e-3,
            description="HetLoRA: no split, ranks by budget, zero-pad + norm-weighted aggregation"),
-    Method("hetlora-strict", "none", "budget-order", "uniform", "hetlora", hetlora_lambda=1e-3, strict_memory=True,
-           description="HetLoRA charged the whole model: clients that cannot hold it stay out"),
-    Method("cenlora", "central", "max", description="Centralised LoRA on pooled data (reference)"),
-    Method("ft", "central", "full", aggregator="none", description="Full fine-tuning on pooled data (reference)"),
-    Method("hsplitlora-no-iwi", "armsc", "armsc", "uniform", "naa", description="ablation: uniform importance"),
+    Method("hetlora-strict", NO_SPLIT, BUDGET_ORDER_RANKS, aggregator=_A["hetlora"], hetlora_lambda=1e-3,
+           strict_memory=True, description="HetLoRA charged the whole model: clients that cannot hold it stay out"),
+    Method("cenlora", CENTRAL, MAX_RANKS, description="Centralised LoRA on pooled data (reference)"),
+    Method("ft", CENTRAL, FULL_FINE_TUNING, aggregator=None, description="Full fine-tuning on pooled data (reference)"),
+    Method("hsplitlora-no-iwi", ARMSC_SPLIT, ARMSC_RANKS, description="ablation: uniform importance"),
     # without ARMSC nothing consumes importance, so no calibrations are spent
-    Method("hsplitlora-no-armsc", "weakest", "weakest", "uniform", "naa",
+    Method("hsplitlora-no-armsc", WEAKEST_SPLIT, UNIFORM_RANKS,
            description="ablation: weakest client's split and rank for everyone"),
-    Method("hsplitlora-no-naa", "armsc", "armsc", "iwi", "zeropad",
+    Method("hsplitlora-no-naa", ARMSC_SPLIT, ARMSC_RANKS, iwi=True, aggregator=_A["zeropad"],
            description="ablation: zero-pad and average A and B instead of NAA"),
-    Method("flora", "none", "budget-order", "uniform", "flora", description="FLoRA: stacking, no split"),
-    Method("flexlora", "none", "budget-order", "uniform", "flexlora",
+    Method("flora", NO_SPLIT, BUDGET_ORDER_RANKS, aggregator=_A["flora"], description="FLoRA: stacking, no split"),
+    Method("flexlora", NO_SPLIT, BUDGET_ORDER_RANKS, aggregator=_A["flexlora"],
            description="FlexLoRA: averaged deltas, SVD, per-client truncation, no split"),
 ]}
 

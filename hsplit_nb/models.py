@@ -22,27 +22,16 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
+from .architectures import SUPPORTED_FAMILIES, family_of  # noqa: F401  (re-exported)
+
 SMOLLM2 = "smollm2-135m"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY_NAMES = {"tiny-llama": "llama", "tiny-gpt2": "gpt2"}
-SUPPORTED_FAMILIES = ("llama", "gpt2")
 
 
 def cache_dir() -> Path:
     """Where dequantised weights are cached: $HSPLIT_CACHE, else ~/.cache/hsplit_nb."""
     return Path(os.environ.get("HSPLIT_CACHE") or Path.home() / ".cache" / "hsplit_nb")
-
-
-def family_of(model_or_config) -> str:
-    """'llama' or 'gpt2'; anything else is a clear error (the split engine knows only these layouts)."""
-    config = getattr(model_or_config, "config", model_or_config)
-    model_type = getattr(config, "model_type", None)
-    if model_type not in SUPPORTED_FAMILIES:
-        raise ValueError(
-            f"unsupported architecture model_type={model_type!r}; the split engine supports "
-            f"{', '.join(SUPPORTED_FAMILIES)} (LLaMA family incl. SmolLM2, and GPT-2)"
-        )
-    return model_type
 
 
 def smollm2_gguf_path() -> Path:

@@ -13,7 +13,8 @@ from .adapters import add_adapters
 from .data import E2EDataset, load_builtin, loader
 from .io import atomic_write_json, atomic_write_text
 from .metrics import perplexity
-from .models import family_of, load_model
+from .architectures import architecture
+from .models import load_model
 from .split import split_model, split_step
 
 
@@ -41,7 +42,7 @@ def run_split_lora(cfg: QuickstartConfig, out_dir=None, progress: bool = True) -
         raise ValueError(f"steps and batch_size must be >= 1, got steps={cfg.steps}, batch_size={cfg.batch_size}")
     torch.manual_seed(cfg.seed)
     model, tokenizer = load_model(cfg.model, device=cfg.device)
-    ranks = cfg.ranks or ({"q": 8, "v": 8} if family_of(model) == "llama" else {"c_attn": 8})
+    ranks = cfg.ranks or dict(architecture(model).default_ranks)
     model = add_adapters(model, ranks)
     client, server = split_model(model, cfg.split_point)
     train = E2EDataset(load_builtin("train"), tokenizer, cfg.seq_len)

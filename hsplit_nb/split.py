@@ -8,6 +8,7 @@ split forward runs exactly the computation of the unsplit forward.
 """
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -15,7 +16,7 @@ from torch import nn
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import CausalLMOutput
 
-from .models import family_of
+from .architectures import architecture, block_list, hidden_size, num_blocks  # noqa: F401
 
 
 def unwrap(model) -> nn.Module:
@@ -26,21 +27,13 @@ def unwrap(model) -> nn.Module:
     return model
 
 
-def num_blocks(model_or_config) -> int:
-    config = getattr(model_or_config, "config", model_or_config)
-    return config.num_hidden_layers if family_of(config) == "llama" else config.n_layer
-
-
-def hidden_size(model_or_config) -> int:
-    config = getattr(model_or_config, "config", model_or_config)
-    return config.hidden_size if family_of(config) == "llama" else config.n_embd
-
-
 def check_split_point(split_point, n_blocks: int) -> int:
-    if isinstance(split_point, bool) or not isinstance(split_point, int) or not 1 <= split_point <= n_blocks - 1:
+    """The split point as an int (numpy integers included), or an error naming the allowed range."""
+    if isinstance(split_point, bool) or not isinstance(split_point, numbers.Integral) \
+            or not 1 <= split_point <= n_blocks - 1:
         raise ValueError(f"split_point must be an integer in [1, {n_blocks - 1}] for a {n_blocks}-block model, "
                          f"got {split_point!r}")
-    return split_point
+    return int(split_point)
 
 
 def _positions(hidden: torch.Tensor) -> torch.Tensor:
@@ -55,9 +48,9 @@ class _Part(nn.Module):
         super().__init__()
         hf = unwrap(model)
         self.config = hf.config
-        self.family = family_of(hf)
+        self.arch = architecture(hf)
         self.blocks = nn.ModuleList(blocks)
-        self.rotary_emb = hf.model.rotary_emb if self.family == "llama" else None
+        self.rotary_emb = hf.get_submodule(self.arch.rotary) if self.arch.rotary else None
 
     def run_blocks(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         positions = _positions(hidden)
@@ -65,13 +58,9 @@ class _Part(nn.Module):
             attention_mask = attention_mask.view(hidden.shape[0], -1)
         mask = create_causal_mask(config=self.config, inputs_embeds=hidden, attention_mask=attention_mask,
                                   cache=None, position_ids=positions)
-        if self.family == "llama":
-            rope = self.rotary_emb(hidden, position_ids=positions)
-            for block in self.blocks:
-                hidden = block(hidden, attention_mask=mask, position_ids=positions, position_embeddings=rope)
-        else:
-            for block in self.blocks:
-                hidden = block(hidden, None, mask, position_ids=positions)
+        rope = self.rotary_emb(hidden, position_ids=positions) if self.rotary_emb is not None else None
+        for block in self.blocks:
+            hidden = self.arch.run_block(block, hidden, mask, positions, rope)
         return hidden
 
 
@@ -80,21 +69,13 @@ class ClientPart(_Part):
 
     def __init__(self, model, split_point: int):
         hf = unwrap(model)
-        check_split_point(split_point, num_blocks(hf))
-        blocks = hf.model.layers if family_of(hf) == "llama" else hf.transformer.h
-        super().__init__(model, list(blocks)[:split_point])
+        split_point = check_split_point(split_point, num_blocks(hf))
+        super().__init__(model, list(block_list(hf))[:split_point])
         self.split_point = split_point
-        if self.family == "llama":
-            self.embed_tokens = hf.model.embed_tokens
-        else:
-            self.wte, self.wpe, self.drop = hf.transformer.wte, hf.transformer.wpe, hf.transformer.drop
+        self.embeddings = nn.ModuleList([hf.get_submodule(path) for path in self.arch.embeddings])
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        if self.family == "llama":
-            hidden = self.embed_tokens(input_ids)
-        else:
-            hidden = self.drop(self.wte(input_ids) + self.wpe(_positions(input_ids)))
-        return self.run_blocks(hidden, attention_mask)
+        return self.run_blocks(self.arch.embed(self.embeddings, input_ids, _positions(input_ids)), attention_mask)
 
 
 class ServerPart(_Part):
@@ -102,11 +83,10 @@ class ServerPart(_Part):
 
     def __init__(self, model, split_point: int):
         hf = unwrap(model)
-        check_split_point(split_point, num_blocks(hf))
-        blocks = hf.model.layers if family_of(hf) == "llama" else hf.transformer.h
-        super().__init__(model, list(blocks)[split_point:])
+        split_point = check_split_point(split_point, num_blocks(hf))
+        super().__init__(model, list(block_list(hf))[split_point:])
         self.split_point = split_point
-        self.norm = hf.model.norm if self.family == "llama" else hf.transformer.ln_f
+        self.norm = hf.get_submodule(self.arch.final_norm)
         self.lm_head = hf.lm_head
         self._loss_function = hf.loss_function
 

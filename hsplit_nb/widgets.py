@@ -9,6 +9,7 @@ from matplotlib.ticker import MaxNLocator
 import pandas as pd
 import torch
 
+from .architectures import architecture
 from .adapters import LoraFactors, candidate_matrices
 from .aggregation import communication, fedavg, naa, zero_pad_average
 from .importance import ImportanceTracker
@@ -20,7 +21,7 @@ from .split import num_blocks
 
 def split_costs(config, batch_size: int = 8, seq_len: int = 64, ranks=None, dtype=torch.float32) -> pd.DataFrame:
     """Per split point: bytes crossing the cut per step and predicted client memory (by part)."""
-    ranks = ranks if ranks is not None else ({"q": 8, "v": 8} if config.model_type == "llama" else {"c_attn": 8})
+    ranks = ranks if ranks is not None else dict(architecture(config).default_ranks)
     rows = []
     for s in range(1, num_blocks(config)):
         mem = client_memory(config, s, ranks, batch_size, seq_len, dtype, breakdown=True)

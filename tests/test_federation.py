@@ -12,7 +12,7 @@ from hsplit_nb.adapters import (
 )
 from hsplit_nb.data import E2EDataset, Collator, load_builtin
 from hsplit_nb.experiment import ExperimentConfig, run_experiment
-from hsplit_nb.federation import Client, FedSettings, Federation
+from hsplit_nb.federation import Client, federation
 from hsplit_nb.methods import METHODS, get_method
 from hsplit_nb.models import tiny_model
 from hsplit_nb.planner import ClientSpec
@@ -42,9 +42,9 @@ def _one_client_federation(seed=0, rounds=2, local_steps=3):
     model, tok = tiny_model("llama")
     data = E2EDataset(load_builtin("train").head(40), tok, 256)
     client = Client("c0", ClientSpec("c0", 11.5e6, speed=1e9), list(range(40)))
-    settings = FedSettings(local_steps=local_steps, batch_size=4, seq_len=256, lr=3e-3, seed=seed,
-                           split_points=[2])
-    fed = Federation(model, tok, get_method("hsplitlora-no-iwi"), [client], data, settings)
+    settings = ExperimentConfig(num_clients=1, budgets=[11.5e6], budget_unit="bytes", local_steps=local_steps,
+                                batch_size=4, seq_len=256, lr=3e-3, seed=seed, split_points=[2])
+    fed = federation(model, tok, get_method("hsplitlora-no-iwi"), [client], data, settings)
     torch.manual_seed(seed)
     fed.start()
     return fed, data, tok
@@ -101,7 +101,7 @@ def test_dropout_keeps_others_training_and_excludes_the_absent_weight(monkeypatc
     cfg = ExperimentConfig(**{**QUICK, "rounds": 3}, methods=["hsplitlora-no-iwi"],
                            events=[{"type": "dropout", "client": "c1", "start": 2, "end": 2}])
     seen = []
-    from hsplit_nb import aggregation
+    from hsplit_nb import aggregation, methods
 
     real = aggregation.naa_aggregate
 
@@ -109,7 +109,8 @@ def test_dropout_keeps_others_training_and_excludes_the_absent_weight(monkeypatc
         seen.append(list(weights))
         return real(adapters, weights)
 
-    monkeypatch.setitem(aggregation.AGGREGATORS, "naa", spy)
+    spied = dataclasses.replace(METHODS["hsplitlora-no-iwi"], aggregator=aggregation.Aggregator("naa", spy, True))
+    monkeypatch.setitem(methods.METHODS, "hsplitlora-no-iwi", spied)
     df = run_experiment(cfg, progress=False)
     clients = df.attrs["clients"]
     r2 = clients[clients["round"] == 2].set_index("client")

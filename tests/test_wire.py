@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from hsplit_nb.wire import HEADER_LEN, PeerLost, Wire
+from hsplit_nb.distributed.wire import HEADER_LEN, PeerLost, Wire
 
 # deterministic values: each spawned process builds them again
 TENSORS = {"f32": torch.arange(24.0).view(2, 3, 4) / 7, "bf16": torch.linspace(-1, 1, 5).to(torch.bfloat16), "i64": torch.arange(6).view(2, 3),

@@ -1,0 +1,24 @@
+"""Federation: the main server, its clients behind one interface, the byte ledger and clock, the central
+references, and checkpoints. `federation(...)` builds what a method needs."""
+from __future__ import annotations
+
+from .boundary import SERVER_ADAPTER
+from .central import CENTRAL_ADAPTER, CentralTraining
+from .clients import Client, calibration_indices, next_indices
+from .ledger import BYTE_KINDS, Clock, Ledger
+from .messages import Apply, CatchUp, Configure, Sync
+from .proxy import ClientProxy, LocalClient, unsplit_step
+from .replica import Replica
+from .server import MainServer, NoClientFits, in_process
+
+__all__ = ["BYTE_KINDS", "CENTRAL_ADAPTER", "SERVER_ADAPTER", "Apply", "CatchUp", "CentralTraining", "Client",
+           "ClientProxy", "Clock", "Configure", "Ledger", "LocalClient", "MainServer", "NoClientFits", "Replica",
+           "Sync", "calibration_indices", "federation", "in_process", "next_indices", "unsplit_step"]
+
+
+def federation(model, tokenizer, method, clients, train_dataset, cfg, device="cpu", transport=in_process,
+               on_lost=None):
+    """The main server of a federated method, or the central trainer of a centralised one."""
+    if not method.federated:
+        return CentralTraining(model, tokenizer, method, clients, train_dataset, cfg, device)
+    return MainServer(model, tokenizer, method, clients, train_dataset, cfg, device, transport, on_lost)

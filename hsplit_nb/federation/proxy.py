@@ -1,0 +1,198 @@
+"""The one interface through which the main server talks to a client, and its in-process implementation.
+
+As Flower's ClientProxy, the server calls the same methods whatever the transport: `LocalClient` runs the
+client's stages in this process; `distributed.remote.RemoteClient` sends the same calls as messages to a
+client process, which runs them on its own `LocalClient`. Calls come in pairs where a remote client can
+work while the server talks to the others (`begin_step` to all, then `forward`/`backward` one by one).
+A client that is lost (its process died or fell silent) sets `lost` to the reason and answers nothing
+more; the server reads that value and leaves the client out, it does not see an exception.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from ..adapters import adapter_names, adapter_parameters, base_weight, read_adapter
+from ..aggregation import hetlora_regulariser
+from ..importance import client_scores, scoring, side_matrices
+from ..split import ClientPart, client_update, unwrap
+from .clients import Client, calibration_indices, next_indices
+from .messages import Apply, CatchUp, Configure, Sync
+from .replica import Replica
+
+
+class ClientProxy:
+    """What the main server may ask of a client."""
+    lost: str | None = None
+
+    def open(self, method: str) -> None: ...
+    def sync(self, msg: Sync) -> None: ...
+    def configure(self, msg: Configure) -> None: ...
+    def away(self, round_: int) -> None: ...
+    def catch_up(self, msg: CatchUp) -> None: ...
+    def begin_round(self, round_: int) -> None: ...
+    def begin_step(self) -> None: ...
+    def forward(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
+    def backward(self, grad: torch.Tensor) -> None: ...
+    def unsplit_step(self) -> float: ...
+    def begin_calibration(self, split_point: int, calibration: int) -> None: ...
+    def calibration_forward(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
+    def calibration_backward(self, grad: torch.Tensor) -> torch.Tensor: ...
+    def begin_upload(self) -> None: ...
+    def upload(self) -> dict[str, torch.Tensor]: ...
+    def apply(self, msg: Apply) -> None: ...
+    def finish(self, dump: bool) -> None: ...
+
+
+def unsplit_step(model, batch: dict, opt, hetlora_lambda: float, gamma: float, adapter: str) -> float:
+    """A no-split method's local step on the whole model (HetLoRA adds its self-pruning term); returns the
+    loss without the regulariser."""
+    if opt is not None:
+        opt.zero_grad(set_to_none=True)
+    loss = model(**batch).loss
+    total = loss
+    if hetlora_lambda:
+        total = loss + hetlora_lambda * hetlora_regulariser(model, gamma, adapter=adapter)
+    total.backward()
+    if opt is not None:
+        opt.step()
+    return loss.item()
+
+
+class LocalClient(ClientProxy):
+    """A client's stages in this process: its data, its part of the model, its device-side optimizer.
+
+    `activate(required)` selects the adapters for the client's forward. With `shares_replica` (the
+    simulation) the replica is the server's: every decision of the server has already reached it, so the
+    boundary messages carry nothing to apply. Otherwise (a client process) they are applied here.
+    """
+
+    def __init__(self, record: Client, replica: Replica, data, collate, cfg, stream: int, hetlora_lambda: float = 0.0,
+                 shares_replica: bool = True, activate=None):
+        self.record, self.replica, self.data, self.collate, self.cfg = record, replica, data, collate, cfg
+        self.stream, self.hetlora_lambda, self.shares_replica = stream, hetlora_lambda, shares_replica
+        self._activate = activate or self._activate_own
+        self.opt = None
+        self._graph = None  # the smashed data of the step in flight, with its autograd graph
+        self._calibration: tuple | None = None
+        self._scoring = contextlib.ExitStack()
+
+    @property
+    def name(self) -> str:
+        return self.record.name
+
+    def _activate_own(self, required: bool) -> None:
+        if self.replica.has_adapter(self.name):
+            self.replica.activate([self.name])
+
+    def _batch(self, positions) -> dict:
+        items = [self.data[self.record.indices[i]] for i in positions]
+        return {k: v.to(self.cfg.device) for k, v in self.collate(items).items()}
+
+    # ---- boundary messages (applied only to a replica of the client's own) ---------------------------
+
+    def configure(self, msg: Configure) -> None:
+        if self.shares_replica:
+            return
+        for n, B, A in msg.folds:
+            self.replica.merge(n, (B @ A).to(self.cfg.device))
+        if msg.folded and self.replica.has_adapter(self.name):
+            self.replica.restart_all(self.name, msg.generation)
+        if msg.rebuild:
+            self.replica.replace_adapter(self.name, msg.ranks, msg.generation)
+        for tensors in msg.blocks:
+            self.replica.load_block_tensors(tensors)
+        self.record.split_point, self.record.ranks = msg.split_point, dict(msg.ranks)
+
+    def sync(self, msg: Sync) -> None:
+        if self.shares_replica:
+            return
+        self.replica.replace_adapter(self.name, msg.ranks, msg.generation)
+        self.record.split_point, self.record.ranks = msg.split_point, dict(msg.ranks)
+        self.record.epoch, self.record.pos = msg.epoch, msg.pos
+        self.replica.load_weights(msg.weights)
+        self.replica.write_factors(self.name, msg.factors)
+
+    def catch_up(self, msg: CatchUp) -> None:
+        if self.shares_replica:
+            return
+        self.replica.load_weights(msg.weights)
+        if msg.restart:
+            self.replica.restart_all(self.name, msg.generation)
+        self.replica.write_factors(self.name, msg.factors)
+
+    def apply(self, msg: Apply) -> None:
+        if self.shares_replica:
+            return
+        for n, B, A in msg.merges:
+            self.replica.merge(n, (B @ A).to(self.cfg.device))
+        if msg.restart:
+            self.replica.restart_all(self.name, msg.generation)
+        self.replica.write_factors(self.name, msg.factors)
+
+    # ---- a round -----------------------------------------------------------------------------------
+
+    def begin_round(self, round_: int) -> None:
+        """A fresh AdamW over the client's device-side adapter parameters."""
+        has = self.replica.has_adapter(self.name)
+        params = adapter_parameters(self.replica.pm, self.name, self.record.device_layers) if has else []
+        self.opt = torch.optim.AdamW(params, lr=self.cfg.lr) if params else None
+        self.replica.pm.train()
+
+    def _next_batch(self) -> dict:
+        return self._batch(next_indices(self.record, self.cfg.batch_size, self.cfg.seed, self.stream))
+
+    def forward(self):
+        """The device part's forward on the next mini-batch; the graph stays until `backward`."""
+        batch = self._next_batch()
+        self._activate(True)
+        self._graph = ClientPart(self.replica.pm, self.record.split_point)(batch["input_ids"], batch["attention_mask"])
+        return self._graph.detach(), batch["attention_mask"], batch["labels"]
+
+    def backward(self, grad: torch.Tensor) -> None:
+        smashed, self._graph = self._graph, None
+        client_update(smashed, grad.to(smashed.device), self.opt)
+
+    def unsplit_step(self) -> float:
+        batch = self._next_batch()
+        self._activate(True)
+        return unsplit_step(self.replica.pm, batch, self.opt, self.hetlora_lambda, self.cfg.gamma, self.name)
+
+    # ---- IWI calibration ---------------------------------------------------------------------------
+
+    def begin_calibration(self, split_point: int, calibration: int) -> None:
+        self._calibration = (split_point, calibration)
+
+    def calibration_forward(self):
+        split, calibration = self._calibration
+        batch = self._batch(calibration_indices(self.record, self.cfg.batch_size, self.cfg.seed, self.stream,
+                                                calibration))
+        self._activate(False)
+        cli = side_matrices(unwrap(self.replica.pm).config, split, "client")
+        weights = self._scoring.enter_context(scoring(self.replica.pm, [m.name for m in cli]))
+        smashed = ClientPart(self.replica.pm, split)(batch["input_ids"], batch["attention_mask"])
+        self._graph = (smashed, cli, weights)
+        return smashed.detach(), batch["attention_mask"], batch["labels"]
+
+    def calibration_backward(self, grad: torch.Tensor) -> torch.Tensor:
+        (smashed, cli, weights), self._graph = self._graph, None
+        try:
+            scores = client_scores(smashed, grad.to(smashed.device), cli, weights)
+        finally:
+            self._scoring.close()
+        return torch.tensor([scores[m.name] for m in cli], dtype=torch.float64)
+
+    # ---- aggregation -------------------------------------------------------------------------------
+
+    def upload(self) -> dict[str, torch.Tensor]:
+        return self.replica.factors(self.name, self.record.device_layers)
+
+    def final_state(self) -> dict:
+        """The client's device side: split point, frozen weights and adapters (for checks after a run)."""
+        pm, s = self.replica.pm, self.record.split_point
+        has = self.replica.has_adapter(self.name)
+        return {"split_point": s,
+                "weights": {m.name: base_weight(pm, m.name).detach().clone()
+                            for m in side_matrices(unwrap(pm).config, s, "client")},
+                "adapters": {n: read_adapter(pm, n, self.name) for n in adapter_names(pm, self.name)} if has else {}}

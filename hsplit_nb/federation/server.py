@@ -1,0 +1,403 @@
+"""The main server: plans every client's split and ranks, runs the server-side stages, aggregates, keeps
+the clock and the byte ledger, evaluates and checkpoints. It talks to clients only through `ClientProxy`.
+
+In the simulation one frozen base model is shared by the server and every in-process client (each client
+has its own named peft adapter, `c0`, `c1`, ..., covering its device-side and, held by the server for it,
+its server-side matrices). Clients run one after another within a local step; with per-client server-side
+adapters they are independent between aggregations, so this is exactly the parallel (SFL) schedule, and
+the clock charges parallel time.
+"""
+from __future__ import annotations
+
+import sys
+import time
+
+import numpy as np
+import torch
+
+from ..adapters import adapter_parameters, candidate_matrices, layer_of
+from ..costs import ClientSpec, Dims, dtype_bytes
+from ..data import Collator
+from ..importance import ImportanceTracker, resource_changes, scoring, server_scores, side_matrices
+from ..methods import Method, PlanInputs
+from ..planner import whole_model_bytes
+from ..split import ServerPart, nbytes, num_blocks, server_update, unwrap
+from . import boundary, checkpoint
+from .clients import Client
+from .ledger import Clock, Ledger, calibration_bytes
+from .messages import Configure
+from .proxy import ClientProxy, LocalClient
+from .boundary import SERVER_ADAPTER
+from .replica import Replica
+
+
+class NoClientFits(ValueError):
+    """No client can take part (HetLoRA with strict memory when the whole model fits nowhere)."""
+
+
+def in_process(server: "MainServer") -> dict[str, ClientProxy]:
+    """The simulation's transport: every client in this process, sharing the server's replica."""
+    return {c.name: LocalClient(c, server.replica, server.data, server.collate, server.cfg, k,
+                                server.method.hetlora_lambda, shares_replica=True,
+                                activate=lambda required, c=c: server.activate(c, required))
+            for k, c in enumerate(server.clients)}
+
+
+class MainServer:
+    """One federated method's main server over its clients (see the module docstring)."""
+
+    def __init__(self, model, tokenizer, method: Method, clients: list[Client], train_dataset, cfg, device="cpu",
+                 transport=in_process, on_lost=None):
+        self.model, self.tokenizer, self.method, self.clients = model, tokenizer, method, clients
+        self.data, self.cfg, self.device = train_dataset, cfg, device
+        self.config = unwrap(model).config
+        self.dims, self.L = Dims.of(self.config), num_blocks(self.config)
+        self.p = dtype_bytes(next(model.parameters()).dtype)
+        self.matrices = candidate_matrices(self.config)
+        self.collate = Collator(tokenizer.pad_token_id)
+        self.levels = tuple(sorted(set(cfg.rank_levels)))
+        self.tracker = ImportanceTracker([m.name for m in self.matrices], cfg.beta_max, cfg.delta) \
+            if method.iwi else None
+        self.aggregator = method.aggregator
+        self.replica = Replica(model, cfg.seed)
+        self.clock = Clock(self.config, cfg.batch_size, cfg.seq_len, cfg.server_speed)
+        self.touched: set[str] = set()  # matrices whose frozen weight has been merged into
+        self.global_deltas = {}  # non-merging aggregators: the global model's deltas (matrix -> Stacked)
+        self.calibrations = self.local_step = self.generation = 0  # generation keys adapter restarts
+        self.pending: list[str] = []
+        self.configured_state = None
+        self.sim_time = self.wall_time = 0.0
+        self.missed: set[str] = set()  # clients that were away for an aggregation
+        self.last_reset: dict[str, int] = {}  # adapter -> generation of its last restart
+        self.merges: list = []  # (matrix, Stacked) merged at the current boundary, for the clients' messages
+        self.calibration_ledger = Ledger([c.name for c in clients])
+        self.round = self.step_in_round = 0
+        self.notes: list[str] = []
+        self.lost: dict[str, str] = {}
+        self.on_lost, self.on_step = on_lost, None
+        self.proxies = transport(self)
+        self._mark_lost_clients()
+
+    @property
+    def pm(self):
+        return self.replica.pm
+
+    @property
+    def present(self) -> list[Client]:
+        return [c for c in self.clients if c.present]
+
+    # ---- talking to clients -------------------------------------------------------------------------
+
+    def ask(self, c: Client, op: str, *args):
+        """Call `op` on client c's proxy. A lost client leaves for good and the answer is None."""
+        proxy = self.proxies[c.name]
+        if proxy.lost:
+            return None
+        out = getattr(proxy, op)(*args)
+        if proxy.lost:
+            self._lose(c, proxy.lost)
+            return None
+        return out
+
+    def _lose(self, c: Client, why: str) -> None:
+        c.present, c.excluded = False, True
+        self.lost[c.name] = why
+        self.notes.append(f"lost: {c.name} ({why})")
+        print(f"[server] lost client {c.name}: {why}", file=sys.stderr, flush=True)
+        if self.on_lost is not None:
+            self.on_lost(c.name, why)
+
+    def _mark_lost_clients(self) -> None:
+        for c in self.clients:
+            if self.proxies[c.name].lost:
+                c.present, c.excluded = False, True
+
+    def _open(self) -> None:
+        for c in self.clients:
+            if not c.excluded:
+                self.ask(c, "open", self.method.name)
+
+    def activate(self, c: Client, required: bool = True) -> None:
+        """Select client c's adapter (and the shared server adapter) for its forward and backward."""
+        if not required and not self.replica.has_adapter(c.name):
+            return
+        names = [n for n in (c.name, SERVER_ADAPTER if self.method.server.shared else None)
+                 if n is not None and self.replica.has_adapter(n)]
+        if not names:
+            raise RuntimeError(f"client {c.name!r} has no adapter to train")
+        self.replica.activate(names)
+
+    def device_ranks(self, c: Client) -> dict[str, int]:
+        """The ranks of the adapters on c's device."""
+        return {n: r for n, r in self.method.server.client_ranks(c.ranks, c.split_point).items()
+                if r > 0 and c.hosts(layer_of(n))}
+
+    # ---- set-up and (re)configuration ----------------------------------------------------------------
+
+    def start(self) -> None:
+        """Initial calibration (IWI) and configuration, before the first round."""
+        self._open()
+        if self.method.strict_memory:
+            self._exclude_clients_that_cannot_hold_the_model()
+        if self.tracker is not None:
+            if self.method.splits:  # at the split ARMSC picks without importance; RNGWP does not depend on it
+                provisional = self._plan(uniform=True)
+                for c in self.present:
+                    c.split_point = provisional[c.name][0]
+            self.calibrate()
+        self.configure(initial=True)
+
+    def _exclude_clients_that_cannot_hold_the_model(self) -> None:
+        """Charge the whole model to each client's budget; clients it does not fit stay out for good."""
+        ranks = self._plan()
+        cfg = self.cfg
+        for c in self.clients:
+            need = whole_model_bytes(self.config, ranks[c.name][1], cfg.batch_size, cfg.seq_len, self.p)
+            if need > (1 - cfg.headroom) * c.spec.memory:
+                c.excluded, c.present = True, False
+        if not self.present:
+            raise NoClientFits("strict memory: no client can hold the whole model (largest budget "
+                               f"{max(c.spec.memory for c in self.clients) / 1e9:.3f} GB)")
+
+    def _plan(self, uniform: bool = False) -> dict[str, tuple[int, dict[str, int]]]:
+        """Split point and ranks per present client, by the method's policies (`uniform`: ignore IWI)."""
+        present, cfg = self.present, self.cfg
+        fixed = None if cfg.split_points is None else [cfg.split_points[self.clients.index(c)] for c in present]
+        x = PlanInputs(self.config, [c.spec for c in present], [c.spec for c in self.clients], self.levels,
+                       cfg.batch_size, cfg.seq_len, self.p, cfg.headroom, cfg.server_speed,
+                       None if uniform or self.tracker is None else self.tracker.importance(), fixed, self.L)
+        splits = self.method.split.choose(x)
+        ranks = self.method.ranks.choose(x, splits)
+        return {c.name: (s, r) for c, s, r in zip(present, splits, ranks)}
+
+    def _state_for_trigger(self):
+        return {c.name: c.spec.memory for c in self.clients}, {c.name for c in self.present}
+
+    def configure(self, initial: bool = False) -> dict[str, int]:
+        """(Re)plan split points and ranks, rebuild the adapters that changed and tell each client. Returns,
+        per client, the bytes of weights it downloads: the blocks it newly hosts and, for non-merging
+        aggregators, the global deltas of its device-side matrices folded in before the rebuild."""
+        self.generation += 1
+        self.merges = []
+        downloads = {}
+        before = {c.name: (c.split_point, dict(c.ranks)) for c in self.clients}
+        if not initial and not self.aggregator.merges:
+            downloads = boundary.fold_bytes(self)
+            boundary.fold_global_deltas(self)  # persistent adapters: merge what they learned before rebuilding
+        new = self._plan()
+        for c in self.present:
+            s, ranks = new[c.name]
+            if not initial and s > c.split_point and self.method.splits:
+                downloads[c.name] = downloads.get(c.name, 0) + (s - c.split_point) * self.dims.block_params * self.p
+            changed = initial or (s, ranks) != (c.split_point, c.ranks)
+            c.split_point, c.ranks = s, ranks
+            if changed:
+                self._build_adapter(c)
+        if self.method.server.shared:
+            s = min(c.split_point for c in self.present)
+            r = next(iter(new.values()))[1]
+            self._replace_adapter(SERVER_ADAPTER, {n: rk for n, rk in r.items() if layer_of(n) >= s})
+        budgets, present = self._state_for_trigger()
+        if self.tracker is not None:
+            self.tracker.configured(budgets, present)
+        self.configured_state = (budgets, present)
+        self.pending = []
+        for c in self.present:
+            self.ask(c, "configure", self._configure_message(c, before[c.name], initial))
+        return downloads
+
+    def _configure_message(self, c: Client, before, initial: bool) -> Configure:
+        old = before[0]
+        grown = range(old, c.split_point) if not initial and self.method.splits and c.split_point > old else []
+        folds = [(n, st.B, st.A) for n, st in self.merges if layer_of(n) < old]
+        return Configure(c.split_point, self.device_ranks(c), self.generation,
+                         rebuild=initial or before != (c.split_point, c.ranks), folded=bool(self.merges),
+                         folds=folds, blocks=[self.replica.block_tensors(layer) for layer in grown])
+
+    def _build_adapter(self, c: Client) -> None:
+        self._replace_adapter(c.name, self.method.server.client_ranks(c.ranks, c.split_point))
+
+    def _replace_adapter(self, name: str, ranks: dict[str, int]) -> None:
+        if self.replica.replace_adapter(name, ranks, self.generation):
+            self.last_reset[name] = self.generation
+
+    # ---- round boundary: events and reconfiguration ------------------------------------------------
+
+    def begin_round(self, r: int, events=()) -> dict:
+        """Apply the events scheduled for round r, and reconfigure (ARMSC) if the IWI trigger fired during
+        the last round, a budget changed, or a client left or returned. Returns the reasons and, per
+        client, the bytes of weights it downloads (newly hosted layers, or what it missed while away)."""
+        self.round = r
+        returned = self._apply_events(r, events)
+        if not self.present:
+            lost = "; lost: " + "; ".join(f"{k} ({v})" for k, v in self.lost.items()) if self.lost else ""
+            raise RuntimeError(f"round {r}: every client is away; the federation cannot train{lost}")
+        downloads: dict[str, int] = {}
+        for c in returned:
+            if c.name in self.missed:
+                downloads[c.name] = boundary.catch_up_bytes(self, c)
+                self.ask(c, "catch_up", boundary.catch_up_message(self, c))
+                self.missed.discard(c.name)
+        reasons = list(self.pending)
+        if self.configured_state is not None:
+            reasons += resource_changes(*self.configured_state, *self._state_for_trigger())
+        reconfigure = bool(reasons) and self.method.split.reconfigures
+        if reconfigure:
+            for name, b in self.configure().items():
+                downloads[name] = downloads.get(name, 0) + b
+        elif reasons and self.configured_state is not None:
+            self.configured_state = self._state_for_trigger()
+            self.pending = []
+        for c in self.clients:
+            if not c.present:
+                self.ask(c, "away", r)  # keeps a client process's waits short
+        return {"reasons": reasons, "reconfigured": reconfigure, "weights_down": downloads}
+
+    def _apply_events(self, r: int, events) -> list[Client]:
+        """Dropouts and budget changes of round r; returns the clients that came back."""
+        returned = []
+        for c in self.clients:
+            away = c.excluded or any(e["type"] == "dropout" and e["client"] == c.name and e["start"] <= r <= e["end"]
+                                     for e in events)
+            if c.present and away:
+                c.present = False
+            elif not c.present and not away:
+                c.present = True
+                returned.append(c)
+            for e in events:
+                if e["type"] == "budget" and e["client"] == c.name and e["round"] == r:
+                    c.spec = ClientSpec(c.name, e["memory"], c.spec.speed, c.spec.bandwidth)
+        return returned
+
+    # ---- one round ----------------------------------------------------------------------------------
+
+    def run_round(self, r: int, weights_down: dict[str, int] | None = None) -> dict:
+        """I local steps for every present client, then aggregation; returns the round's record."""
+        start = time.perf_counter()
+        self.round, self.step_in_round = r, 0
+        ledger = Ledger([c.name for c in self.clients])
+        losses: list[float] = []
+        for name, b in (weights_down or {}).items():
+            ledger.add(name, "weights_down", b)
+        sim = Clock.transfer(self.clients, weights_down or {})
+        for c in self.present:
+            self.ask(c, "begin_round", r)
+        self.pm.train()
+        opts = self._server_optimizers()
+        for _ in range(self.cfg.local_steps):
+            if self.tracker is not None and self.local_step > 0 and self.local_step % self.cfg.iwi_interval == 0:
+                self.calibrate()
+                self.pm.train()
+                sim += self.clock.step(self.clients, self.method.splits, {})  # a calibration costs about one step
+            sim += self.clock.step(self.clients, self.method.splits, self._local_step(opts, ledger, losses))
+            self.local_step += 1
+        for name, kinds in self.calibration_ledger.bytes.items():
+            for kind, v in kinds.items():
+                ledger.add(name, kind, v)
+        self.calibration_ledger = Ledger([c.name for c in self.clients])
+        sim += boundary.aggregate(self, ledger)
+        self.missed |= {c.name for c in self.clients if not c.present}
+        self.sim_time += sim
+        self.wall_time += time.perf_counter() - start
+        notes, self.notes = self.notes, []
+        return {"round": r, "train_loss": float(np.mean(losses)), "bytes": ledger.bytes, "reasons": notes}
+
+    def _server_optimizers(self) -> dict:
+        """Fresh AdamW per round over the server-side adapters each present client trains."""
+        shared = None
+        if self.method.server.shared and self.replica.has_adapter(SERVER_ADAPTER):
+            shared = torch.optim.AdamW(adapter_parameters(self.pm, SERVER_ADAPTER), lr=self.cfg.lr)
+        opts = {}
+        for c in self.present:
+            if self.method.server.shared or not self.replica.has_adapter(c.name):
+                opts[c.name] = shared
+                continue
+            params = adapter_parameters(self.pm, c.name, range(c.split_point, self.L))
+            opts[c.name] = torch.optim.AdamW(params, lr=self.cfg.lr) if params else None
+        return opts
+
+    def _local_step(self, opts, ledger: Ledger, losses: list) -> dict[str, int]:
+        """One local step of every present client, served in index order; returns the bytes each moved."""
+        present = list(self.present)
+        self.step_in_round += 1
+        if self.on_step is not None:
+            self.on_step(self.round, self.step_in_round)
+        for c in present:
+            self.ask(c, "begin_step")
+        step_bytes = {}
+        for c in present:
+            if not self.method.splits:
+                loss = self.ask(c, "unsplit_step")
+                if loss is not None:
+                    losses.append(float(loss))
+                    step_bytes[c.name] = 0
+                continue
+            up = self.ask(c, "forward")
+            if up is None:
+                continue
+            smashed, mask, labels = (t.to(self.device) for t in up)
+            self.activate(c)
+            loss, grad = server_update(ServerPart(self.pm, c.split_point), smashed, mask, labels, opts[c.name])
+            self.ask(c, "backward", grad)
+            losses.append(loss.item())
+            b = {"smashed_up": nbytes(smashed, mask, labels), "grad_down": nbytes(grad)}
+            for kind, v in b.items():
+                ledger.add(c.name, kind, v)
+            step_bytes[c.name] = sum(b.values())
+        return step_bytes
+
+    # ---- IWI ----------------------------------------------------------------------------------------
+
+    def calibrate(self) -> None:
+        """RNGWP on one batch per present client by the split protocol, averaged with data weights, folded
+        into the tracker; a trigger marks a reconfiguration for the next round boundary."""
+        if not self.method.splits:
+            raise ValueError(f"method {self.method.name!r}: IWI calibration needs a split")
+        present = self.present
+        for c in present:
+            self.ask(c, "begin_calibration", c.split_point, self.calibrations)
+        total = sum(len(c.indices) for c in present)
+        scores = {m.name: 0.0 for m in self.matrices}
+        for c in present:
+            for n, v in (self._client_rngwp(c) or {}).items():
+                scores[n] += len(c.indices) / total * v
+        self.tracker.update(scores)
+        self.calibrations += 1
+        if self.configured_state is not None:
+            self.pending = self.tracker.trigger()  # importance only; resources are checked at the boundary
+
+    def _client_rngwp(self, c: Client) -> dict[str, float] | None:
+        """RNGWP of every matrix on the client's calibration batch: the server scores its blocks and sends
+        the smashed data's gradient down; the client sends its matrices' scores up."""
+        split = c.split_point
+        up = self.ask(c, "calibration_forward")
+        if up is None:
+            return None
+        smashed, mask, labels = (t.to(self.device) for t in up)
+        self.activate(c, required=False)
+        srv = side_matrices(self.config, split, "server")
+        with scoring(self.pm, [m.name for m in srv]) as weights:
+            scores, grad = server_scores(ServerPart(self.pm, split), smashed, mask, labels, srv, weights)
+        values = self.ask(c, "calibration_backward", grad)
+        if values is None:
+            return None
+        cli = side_matrices(self.config, split, "client")
+        scores.update({m.name: float(v) for m, v in zip(cli, values.tolist())})
+        up_bytes, down_bytes = calibration_bytes(smashed, mask, labels, grad, len(cli))
+        self.calibration_ledger.add(c.name, "calibration_up", up_bytes)
+        self.calibration_ledger.add(c.name, "calibration_down", down_bytes)
+        return {m.name: scores[m.name] for m in self.matrices}
+
+    # ---- evaluation, bookkeeping, checkpoints --------------------------------------------------------
+
+    global_model = boundary.global_model
+    evaluate_ppl = boundary.evaluate_ppl
+    trainable_params = boundary.trainable_params
+    state = checkpoint.server_state
+    load_state = checkpoint.load_server_state
+
+    def finish(self, dump: bool) -> None:
+        """End of this method's rounds: live client processes may write their final state (for checks)."""
+        for c in self.clients:
+            if not c.excluded:
+                self.ask(c, "finish", dump)
