@@ -30,6 +30,7 @@ class Architecture:
     run_block: Callable               # (block, hidden, mask, positions, rope) -> hidden
     sizes: Callable                   # config -> dict of the cost models' sizes (see costs.Dims)
     block_activations: Callable       # the memory model of one block: what autograd saves (see costs)
+    tiny: Callable                    # token ids -> (model class, config) of a 4-block, width-32 test model
 
 
 # ---- LLaMA (SmolLM2 and other LLaMA-layout models) --------------------------------------------------
@@ -99,6 +100,14 @@ def _llama_block_activations(dims, live: bool, r: dict, bt: int, batch: int, seq
     return total, live2 or gate or up or bool(r.get("down", 0)), rope
 
 
+def _llama_tiny(ids: dict):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return LlamaForCausalLM, LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                                         tie_word_embeddings=False, **ids)
+
+
 # ---- GPT-2 -------------------------------------------------------------------------------------------
 
 def _gpt2_shapes(config) -> dict[str, tuple[int, int]]:
@@ -145,6 +154,13 @@ def _gpt2_block_activations(dims, live: bool, r: dict, bt: int, batch: int, seq:
     return total, mlp_live or bool(r.get("mlp.c_proj", 0)), False
 
 
+def _gpt2_tiny(ids: dict):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    return GPT2LMHeadModel, GPT2Config(n_embd=32, n_layer=4, n_head=4, n_positions=512, resid_pdrop=0.0,
+                                       embd_pdrop=0.0, attn_pdrop=0.0, **ids)
+
+
 ARCHITECTURES: dict[str, Architecture] = {
     "llama": Architecture(
         "llama", blocks="model.layers", embeddings=("model.embed_tokens",), final_norm="model.norm", rotary="model.rotary_emb",
@@ -153,7 +169,7 @@ ARCHITECTURES: dict[str, Architecture] = {
                     "o": "self_attn.o_proj", "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"},
         default_ranks={"q": 8, "v": 8}, weights_transposed=False, shapes=_llama_shapes, embed=_llama_embed,
         run_block=_llama_block, sizes=_llama_sizes,
-        block_activations=_llama_block_activations),
+        block_activations=_llama_block_activations, tiny=_llama_tiny),
     "gpt2": Architecture(
         "gpt2", blocks="transformer.h", embeddings=("transformer.wte", "transformer.wpe", "transformer.drop"),
         final_norm="transformer.ln_f", rotary=None,
@@ -162,7 +178,7 @@ ARCHITECTURES: dict[str, Architecture] = {
                     "mlp.c_proj": "mlp.c_proj"},
         default_ranks={"c_attn": 8}, weights_transposed=True, shapes=_gpt2_shapes, embed=_gpt2_embed,
         run_block=_gpt2_block, sizes=_gpt2_sizes,
-        block_activations=_gpt2_block_activations),
+        block_activations=_gpt2_block_activations, tiny=_gpt2_tiny),
 }
 SUPPORTED_FAMILIES = tuple(ARCHITECTURES)
 

@@ -13,16 +13,12 @@ import torch
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
-    GPT2Config,
-    GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
     PreTrainedModel,
     PreTrainedTokenizerFast,
 )
 from transformers.utils import logging as hf_logging
 
-from .architectures import SUPPORTED_FAMILIES, family_of  # noqa: F401  (re-exported)
+from .architectures import ARCHITECTURES, SUPPORTED_FAMILIES, family_of  # noqa: F401  (re-exported)
 
 SMOLLM2 = "smollm2-135m"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -165,17 +161,9 @@ def tiny_model(family: str = "llama", seed: int = 0, **overrides) -> tuple[PreTr
     tokenizer = byte_tokenizer()
     ids = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    if family == "llama":
-        config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
-                             num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False,
-                             **ids)
-        cls = LlamaForCausalLM
-    elif family == "gpt2":
-        config = GPT2Config(n_embd=32, n_layer=4, n_head=4, n_positions=512, resid_pdrop=0.0, embd_pdrop=0.0,
-                            attn_pdrop=0.0, **ids)
-        cls = GPT2LMHeadModel
-    else:
+    if family not in ARCHITECTURES:
         raise ValueError(f"tiny_model family must be one of {SUPPORTED_FAMILIES}, got {family!r}")
+    cls, config = ARCHITECTURES[family].tiny(ids)
     for key, value in overrides.items():
         if not hasattr(config, key):
             raise ValueError(f"unknown {family} config field {key!r}")

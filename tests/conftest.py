@@ -4,11 +4,18 @@ from pathlib import Path
 import pytest
 import torch
 
+from hsplit_nb.config import preset
 from hsplit_nb.data import Collator, encode
 from hsplit_nb.models import tiny_model
 
 REPO = Path(__file__).resolve().parent.parent
 E2E_DIR = Path(os.environ.get("HSPLIT_E2E_DIR", REPO.parent / "shared" / "e2e"))
+
+
+def preset_fields(name: str, **overrides) -> dict:
+    """A configs/ preset's fields with overrides, without its method list and event schedule (tests add their own)."""
+    fields = preset(name, **overrides).to_dict()
+    return {k: v for k, v in fields.items() if k not in ("methods", "events")}
 
 
 def e2e_dir() -> Path:

@@ -8,14 +8,14 @@ import pandas as pd
 import pytest
 import torch
 
+from conftest import preset_fields
 from hsplit_nb.adapters import base_weight, read_adapter
 from hsplit_nb.distributed import DONE_FILE, launch, wire_bytes, worker_main
 from hsplit_nb.experiment import ExperimentConfig, _Run, load_splits
 from hsplit_nb.federation import BYTE_KINDS
 
-BASE = dict(model="tiny-llama", num_clients=2, budgets=[4_500_000, 11_500_000], budget_unit="bytes", rounds=2,
-            local_steps=3, batch_size=4, seq_len=256, lr=3e-3, iwi_interval=2, val_examples=16, eval_mrs=3,
-            num_beams=1, max_new_tokens=8, final_metrics=False)
+BASE = preset_fields("quick", num_clients=2, budgets=[4_500_000, 11_500_000], eval_mrs=3, num_beams=1,
+                     max_new_tokens=8, final_metrics=False)
 # c0's budget shrinks at round 2: ARMSC moves c1's split deeper (it takes more of the shared latency), so c1
 # must receive the merged weights of the blocks it newly hosts
 GROWTH = [{"type": "budget", "client": "c0", "round": 2, "memory": 3_500_000}]
@@ -109,6 +109,17 @@ def test_non_merging_non_split_and_returning_clients_equal_the_simulation(tmp_pa
                 assert wire.loc[(method, client), kind] == simulated.loc[client, kind], (method, client, kind)
         returned = sim_clients[(sim_clients["round"] == 3) & (sim_clients["client"] == "c1")].iloc[0]
         assert returned["weights_down"] > 0, method  # the catch-up crossed the wire
+
+
+def test_a_gamma_set_in_the_config_reaches_the_client_processes(tmp_path):
+    """HetLoRA's regulariser runs in the client processes: with gamma 0.3 they must train as the simulation
+    does at 0.3, which differs measurably from the default 0.9."""
+    cfg = ExperimentConfig(**{**BASE, "rounds": 2, "local_steps": 3, "gamma": 0.3}, methods=["hetlora"])
+    df = launch(cfg, tmp_path / "run", **TIMEOUTS)
+    _, at_03, _ = in_process(cfg, "hetlora")
+    _, at_09, _ = in_process(cfg.replace(gamma=0.9), "hetlora")
+    assert_rows_equal(at_03, df)
+    assert abs(at_03.set_index("round").loc[2, "val_ppl"] - at_09.set_index("round").loc[2, "val_ppl"]) > 1e-3
 
 
 def test_a_killed_client_leaves_the_server_running_and_is_recorded_as_lost(tmp_path):

@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
+from conftest import preset_fields
 from hsplit_nb.adapters import (
     adapter_names, add_adapters, base_weight, merge_delta, read_adapter, restart_adapter, restart_seed,
 )
@@ -17,9 +18,7 @@ from hsplit_nb.methods import METHODS, get_method
 from hsplit_nb.models import tiny_model
 from hsplit_nb.planner import ClientSpec
 
-QUICK = dict(model="tiny-llama", num_clients=3, budgets=[4.5e6, 8e6, 11.5e6], budget_unit="bytes", rounds=2,
-             local_steps=3, batch_size=4, seq_len=256, lr=3e-3, iwi_interval=2, val_examples=16, eval_mrs=3,
-             num_beams=1, max_new_tokens=8, final_metrics=False)
+QUICK = preset_fields("quick", eval_mrs=3, num_beams=1, max_new_tokens=8, final_metrics=False)
 
 
 def test_every_method_runs_two_rounds_and_learns():
