@@ -13,18 +13,19 @@ def _ranks(text: str) -> dict[str, int]:
         raise argparse.ArgumentTypeError(f"ranks must look like q=8,v=8, got {text!r}") from None
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m hsplit_nb", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+def _add_reproduce(sub) -> None:
     rep = sub.add_parser("reproduce", help="execute every notebook (full mode) into results/notebooks")
     rep.add_argument("--quick", action="store_true", help="quick mode (tiny model), as CI runs them")
     rep.add_argument("--only", nargs="+", help="notebooks to run, e.g. 01 03_armsc")
     rep.add_argument("--out", default="results/notebooks")
+
+
+def _add_quickstart(sub) -> None:
     qs = sub.add_parser("quickstart", help="split LoRA fine-tune of SmolLM2-135M on the built-in data")
     qs.add_argument("--model", default="smollm2-135m", help="smollm2-135m, tiny-llama, tiny-gpt2, a HF id or a dir")
     qs.add_argument("--split-point", type=int, default=6)
     qs.add_argument("--ranks", type=_ranks, default=None,
-                     help="ranks per matrix kind or name, e.g. q=8,v=8 (default: rank 8 on q and v)")
+                    help="ranks per matrix kind or name, e.g. q=8,v=8 (default: rank 8 on q and v)")
     qs.add_argument("--steps", type=int, default=40)
     qs.add_argument("--batch-size", type=int, default=8)
     qs.add_argument("--seq-len", type=int, default=64)
@@ -32,16 +33,20 @@ def main(argv=None) -> int:
     qs.add_argument("--device", default="cpu")
     qs.add_argument("--seed", type=int, default=0)
     qs.add_argument("--out", default="results/quickstart")
-    run = sub.add_parser("run", help="run an experiment from a JSON or YAML config")
-    run.add_argument("--config", required=True, help="ExperimentConfig as .json or .yaml")
-    run.add_argument("--data", help="'builtin' or a folder with devset.csv and testset_w_refs.csv (overrides the config)")
-    run.add_argument("--methods", nargs="+", help="methods to run (overrides the config)")
-    run.add_argument("--out", default="results/experiment", help="output folder (resumes if it holds a stopped run)")
-    dst = sub.add_parser("distributed", help="the experiment with 1 server + K client processes (torchrun, loopback)")
-    dst.add_argument("--config", required=True, help="ExperimentConfig as .json or .yaml")
-    dst.add_argument("--data", help="'builtin' or a folder with devset.csv and testset_w_refs.csv (overrides the config)")
-    dst.add_argument("--methods", nargs="+", help="methods to run (overrides the config)")
-    dst.add_argument("--out", default="results/distributed", help="output folder (resumes if it holds a stopped run)")
+
+
+def _add_experiment(sub, name: str, help_text: str, out: str):
+    p = sub.add_parser(name, help=help_text)
+    p.add_argument("--config", required=True, help="ExperimentConfig as .json or .yaml")
+    p.add_argument("--data", help="'builtin' or a folder with devset.csv and testset_w_refs.csv (overrides the config)")
+    p.add_argument("--methods", nargs="+", help="methods to run (overrides the config)")
+    p.add_argument("--out", default=out, help="output folder (resumes if it holds a stopped run)")
+    return p
+
+
+def _add_distributed(sub) -> None:
+    dst = _add_experiment(sub, "distributed", "the experiment with 1 server + K client processes (torchrun, loopback)",
+                          "results/distributed")
     dst.add_argument("--step-timeout", type=float, default=300.0,
                      help="seconds the server waits for a client's message before counting it lost")
     dst.add_argument("--idle-timeout", type=float, default=3600.0,
@@ -50,73 +55,85 @@ def main(argv=None) -> int:
     dst.add_argument("--server-threads", type=int, default=None, help="torch threads of the server (default: all cores)")
     dst.add_argument("--client-threads", type=int, default=1, help="torch threads of each client process")
     dst.add_argument("--port", type=int, default=None, help="rendezvous port on 127.0.0.1 (default: a free one)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m hsplit_nb", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_reproduce(sub)
+    _add_quickstart(sub)
+    _add_experiment(sub, "run", "run an experiment from a JSON or YAML config", "results/experiment")
+    _add_distributed(sub)
     paper = sub.add_parser("plan-paper", help="ARMSC plans for LLaMA-2-7B and GPT-2-L at 5-20 GB (no weights)")
     paper.add_argument("--batch-size", type=int, default=8)
     paper.add_argument("--seq-len", type=int, default=128)
     data = sub.add_parser("make-data", help="regenerate the built-in data under data/builtin")
     data.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    return parser
 
-    if args.command == "make-data":
-        from .data import write_builtin
 
-        for path in write_builtin(seed=args.seed):
-            print(path)
-        return 0
+def _config(args):
+    from .config import ExperimentConfig
 
-    if args.command == "run":
-        import dataclasses
+    cfg = ExperimentConfig.load(args.config)
+    return cfg.replace(data=args.data) if args.data else cfg
 
-        from .experiment import ExperimentConfig, run_experiment
 
-        cfg = ExperimentConfig.load(args.config)
-        if args.data:
-            cfg = dataclasses.replace(cfg, data=args.data)
-        df = run_experiment(cfg, args.methods, args.out)
-        final = df.sort_values("round").groupby("method", sort=False).tail(1)
-        print(final[["method", "round", "val_ppl", "sim_time_s", "wall_time_s"]].to_string(index=False))
-        metrics = df.attrs["metrics"]
-        if not metrics.empty:
-            print(metrics.drop(columns=["outputs"]).round(4).to_string(index=False))
-        print(f"results in {args.out}/")
-        return 0
+def _make_data(args) -> int:
+    from .data import write_builtin
 
-    if args.command == "distributed":
-        import dataclasses
+    for path in write_builtin(seed=args.seed):
+        print(path)
+    return 0
 
-        from .distributed import launch
-        from .experiment import ExperimentConfig
 
-        cfg = ExperimentConfig.load(args.config)
-        if args.data:
-            cfg = dataclasses.replace(cfg, data=args.data)
-        df = launch(cfg, args.out, args.methods, step_timeout=args.step_timeout, idle_timeout=args.idle_timeout,
-                    init_timeout=args.init_timeout, server_threads=args.server_threads,
-                    client_threads=args.client_threads, port=args.port)
-        final = df.sort_values("round").groupby("method", sort=False).tail(1)
-        print(final[["method", "round", "val_ppl", "present", "wall_time_s"]].to_string(index=False))
-        if not df.attrs["lost"].empty:
-            print("lost clients:\n" + df.attrs["lost"].to_string(index=False))
-        wire = df.attrs["wire"]
-        print("bytes on the wire per method:\n" + wire.groupby("method").sum(numeric_only=True).T.to_string())
-        print(f"results in {args.out}/ (logs in {args.out}/logs)")
-        return 0
+def _run(args) -> int:
+    from .experiment import run_experiment
 
-    if args.command == "plan-paper":
-        from .planner import paper_scale_plans
+    df = run_experiment(_config(args), args.methods, args.out)
+    final = df.sort_values("round").groupby("method", sort=False).tail(1)
+    print(final[["method", "round", "val_ppl", "sim_time_s", "wall_time_s"]].to_string(index=False))
+    metrics = df.attrs["metrics"]
+    if not metrics.empty:
+        print(metrics.drop(columns=["outputs"]).round(4).to_string(index=False))
+    print(f"results in {args.out}/")
+    return 0
 
-        for name, p in paper_scale_plans(args.batch_size, args.seq_len).items():
-            print(f"### {name} (batch {args.batch_size} x {args.seq_len} tokens, fp16 weights; "
-                  f"step {p.step_latency * 1e3:.0f} ms simulated, server {p.server_time * 1e3:.0f} ms)\n")
-            print(p.frame().round(3).to_string(index=False) + "\n")
-        return 0
 
-    if args.command == "reproduce":
-        from .reproduce import run_notebooks
+def _distributed(args) -> int:
+    from .distributed import launch
 
-        run_notebooks(args.out, quick=args.quick, only=args.only)
-        return 0
+    df = launch(_config(args), args.out, args.methods, step_timeout=args.step_timeout, idle_timeout=args.idle_timeout,
+                init_timeout=args.init_timeout, server_threads=args.server_threads,
+                client_threads=args.client_threads, port=args.port)
+    final = df.sort_values("round").groupby("method", sort=False).tail(1)
+    print(final[["method", "round", "val_ppl", "present", "wall_time_s"]].to_string(index=False))
+    if not df.attrs["lost"].empty:
+        print("lost clients:\n" + df.attrs["lost"].to_string(index=False))
+    wire = df.attrs["wire"]
+    print("bytes on the wire per method:\n" + wire.groupby("method").sum(numeric_only=True).T.to_string())
+    print(f"results in {args.out}/ (logs in {args.out}/logs)")
+    return 0
 
+
+def _plan_paper(args) -> int:
+    from .planner import paper_scale_plans
+
+    for name, p in paper_scale_plans(args.batch_size, args.seq_len).items():
+        print(f"### {name} (batch {args.batch_size} x {args.seq_len} tokens, fp16 weights; "
+              f"step {p.step_latency * 1e3:.0f} ms simulated, server {p.server_time * 1e3:.0f} ms)\n")
+        print(p.frame().round(3).to_string(index=False) + "\n")
+    return 0
+
+
+def _reproduce(args) -> int:
+    from .reproduce import run_notebooks
+
+    run_notebooks(args.out, quick=args.quick, only=args.only)
+    return 0
+
+
+def _quickstart(args) -> int:
     from .quickstart import QuickstartConfig, run_split_lora
 
     cfg = QuickstartConfig(model=args.model, split_point=args.split_point, ranks=args.ranks, steps=args.steps,
@@ -126,6 +143,15 @@ def main(argv=None) -> int:
     print(json.dumps({k: result[k] for k in ("ppl_before", "ppl_after", "train_seconds")}, indent=2))
     print(f"validation PPL {result['ppl_before']:.3f} -> {result['ppl_after']:.3f}; results in {args.out}/")
     return 0
+
+
+COMMANDS = {"make-data": _make_data, "run": _run, "distributed": _distributed, "plan-paper": _plan_paper,
+            "reproduce": _reproduce, "quickstart": _quickstart}
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    return COMMANDS[args.command](args)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ numbers as an uninterrupted run.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import random
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from .io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from .methods import get_method
 from .metrics import e2e_metrics, generate
 from .models import load_model
+from .plots import save_figures
 
 # ---- data -------------------------------------------------------------------------------------
 
@@ -154,25 +154,10 @@ def run_experiment(config: ExperimentConfig, methods=None, out_dir=None, progres
     `transport` gives the main server its client proxies (in-process by default; the multi-process runner
     passes remote clients), and `on_lost(method, client, reason)` hears of clients lost mid-run.
     """
-    cfg = dataclasses.replace(config, methods=list(methods)) if methods is not None else config
+    cfg = config.replace(methods=list(methods)) if methods is not None else config
     cfg.validate()
     out = Path(out_dir) if out_dir is not None else None
-    rows: list[dict] = []
-    client_rows: list[dict] = []
-    metrics: list[dict] = []
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        saved_cfg = out / "config.json"
-        if saved_cfg.is_file():
-            previous = ExperimentConfig.from_dict(json.loads(saved_cfg.read_text()))
-            if dataclasses.replace(previous, methods=cfg.methods) != cfg:
-                raise ValueError(f"{out} holds results of a different config; choose another output folder")
-            methods_before = previous.methods
-        else:
-            methods_before = []
-        cfg_to_save = dataclasses.replace(cfg, methods=list(dict.fromkeys(methods_before + cfg.methods)))
-        atomic_write_json(saved_cfg, cfg_to_save.to_dict())
-        rows, client_rows, metrics = _load_finished(out)
+    rows, client_rows, metrics = _open_folder(out, cfg) if out is not None else ([], [], [])
     done = {m["method"] for m in metrics if cfg.final_metrics or isinstance(m.get("note"), str)} | \
         ({r["method"] for r in rows if r["round"] == cfg.rounds} if not cfg.final_metrics else set())
     rows = [r for r in rows if r["method"] in done]
@@ -205,8 +190,27 @@ def run_experiment(config: ExperimentConfig, methods=None, out_dir=None, progres
             run.checkpoint.unlink()
         del run
     bar.close()
+    return _finish(out, rows, client_rows, metrics)
+
+
+def _open_folder(out: Path, cfg: ExperimentConfig):
+    """Check that `out` holds results of this config (or none), record the config, and read what is done."""
+    out.mkdir(parents=True, exist_ok=True)
+    saved_cfg = out / "config.json"
+    methods_before = []
+    if saved_cfg.is_file():
+        previous = ExperimentConfig.from_dict(json.loads(saved_cfg.read_text()))
+        if previous.replace(methods=cfg.methods) != cfg:
+            raise ValueError(f"{out} holds results of a different config; choose another output folder")
+        methods_before = previous.methods
+    atomic_write_json(saved_cfg, cfg.replace(methods=list(dict.fromkeys(methods_before + cfg.methods))).to_dict())
+    return _load_finished(out)
+
+
+def _finish(out: Path | None, rows, client_rows, metrics) -> pd.DataFrame:
+    """The results table with the final evaluation joined to each method's last round; figures when saved."""
     df = pd.DataFrame(rows)
-    if metrics and not df.empty:  # the final evaluation joins each method's last round
+    if metrics and not df.empty:
         scores = pd.DataFrame(metrics).drop(columns=["outputs", "note"], errors="ignore")
         last = df.groupby("method")["round"].transform("max") == df["round"]
         df = df.drop(columns=[c for c in scores.columns if c != "method" and c in df.columns])
@@ -214,8 +218,6 @@ def run_experiment(config: ExperimentConfig, methods=None, out_dir=None, progres
         df.loc[~last.values, [c for c in scores.columns if c != "method"]] = float("nan")
         _write(out, df.to_dict("records"), client_rows, metrics)
     if out is not None and not df.empty:
-        from .plots import save_figures
-
         save_figures(df, out)
     df.attrs["metrics"] = pd.DataFrame(metrics)
     df.attrs["clients"] = pd.DataFrame(client_rows)

@@ -18,13 +18,13 @@ import torch
 from ..adapters import adapter_parameters, candidate_matrices, layer_of
 from ..costs import ClientSpec, Dims, dtype_bytes
 from ..data import Collator
-from ..importance import ImportanceTracker, resource_changes, scoring, server_scores, side_matrices
+from ..importance import ImportanceTracker, resource_changes
 from ..methods import Method, PlanInputs
 from ..planner import whole_model_bytes
 from ..split import ServerPart, nbytes, num_blocks, server_update, unwrap
-from . import boundary, checkpoint
+from . import boundary, calibration, checkpoint
 from .clients import Client
-from .ledger import Clock, Ledger, calibration_bytes
+from .ledger import Clock, Ledger
 from .messages import Configure
 from .proxy import ClientProxy, LocalClient
 from .boundary import SERVER_ADAPTER
@@ -346,50 +346,9 @@ class MainServer:
             step_bytes[c.name] = sum(b.values())
         return step_bytes
 
-    # ---- IWI ----------------------------------------------------------------------------------------
+    # ---- IWI, evaluation, bookkeeping, checkpoints ----------------------------------------------------
 
-    def calibrate(self) -> None:
-        """RNGWP on one batch per present client by the split protocol, averaged with data weights, folded
-        into the tracker; a trigger marks a reconfiguration for the next round boundary."""
-        if not self.method.splits:
-            raise ValueError(f"method {self.method.name!r}: IWI calibration needs a split")
-        present = self.present
-        for c in present:
-            self.ask(c, "begin_calibration", c.split_point, self.calibrations)
-        total = sum(len(c.indices) for c in present)
-        scores = {m.name: 0.0 for m in self.matrices}
-        for c in present:
-            for n, v in (self._client_rngwp(c) or {}).items():
-                scores[n] += len(c.indices) / total * v
-        self.tracker.update(scores)
-        self.calibrations += 1
-        if self.configured_state is not None:
-            self.pending = self.tracker.trigger()  # importance only; resources are checked at the boundary
-
-    def _client_rngwp(self, c: Client) -> dict[str, float] | None:
-        """RNGWP of every matrix on the client's calibration batch: the server scores its blocks and sends
-        the smashed data's gradient down; the client sends its matrices' scores up."""
-        split = c.split_point
-        up = self.ask(c, "calibration_forward")
-        if up is None:
-            return None
-        smashed, mask, labels = (t.to(self.device) for t in up)
-        self.activate(c, required=False)
-        srv = side_matrices(self.config, split, "server")
-        with scoring(self.pm, [m.name for m in srv]) as weights:
-            scores, grad = server_scores(ServerPart(self.pm, split), smashed, mask, labels, srv, weights)
-        values = self.ask(c, "calibration_backward", grad)
-        if values is None:
-            return None
-        cli = side_matrices(self.config, split, "client")
-        scores.update({m.name: float(v) for m, v in zip(cli, values.tolist())})
-        up_bytes, down_bytes = calibration_bytes(smashed, mask, labels, grad, len(cli))
-        self.calibration_ledger.add(c.name, "calibration_up", up_bytes)
-        self.calibration_ledger.add(c.name, "calibration_down", down_bytes)
-        return {m.name: scores[m.name] for m in self.matrices}
-
-    # ---- evaluation, bookkeeping, checkpoints --------------------------------------------------------
-
+    calibrate = calibration.calibrate
     global_model = boundary.global_model
     evaluate_ppl = boundary.evaluate_ppl
     trainable_params = boundary.trainable_params
