@@ -18,7 +18,8 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine  # noqa: E402
 
-from hsplit_nb.experiment import ExperimentConfig, run_experiment, summarize  # noqa: E402
+from hsplit_nb.config import preset  # noqa: E402
+from hsplit_nb.experiment import run_experiment, summarize  # noqa: E402
 from hsplit_nb.io import atomic_write_json, atomic_write_text  # noqa: E402
 from hsplit_nb.methods import METHODS  # noqa: E402
 
@@ -40,10 +41,10 @@ def main(argv=None) -> pd.DataFrame:
     ap.add_argument("--out", default="results/quality")
     args = ap.parse_args(argv)
 
-    cfg = ExperimentConfig(model=args.model, data=args.data, rounds=args.rounds, local_steps=args.local_steps,
-                           batch_size=args.batch_size, seq_len=args.seq_len, eval_mrs=args.eval_mrs,
-                           val_examples=args.val_examples, partition=args.partition, iwi_interval=args.local_steps,
-                           methods=args.methods)
+    cfg = preset("cpu_scale", model=args.model, data=args.data, rounds=args.rounds, local_steps=args.local_steps,
+                 batch_size=args.batch_size, seq_len=args.seq_len, eval_mrs=args.eval_mrs,
+                 val_examples=args.val_examples, partition=args.partition, iwi_interval=args.local_steps,
+                 methods=args.methods)
     start = time.perf_counter()
     df = run_experiment(cfg, out_dir=args.out)
     elapsed = time.perf_counter() - start

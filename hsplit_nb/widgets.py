@@ -13,7 +13,7 @@ from .architectures import architecture
 from .adapters import LoraFactors, candidate_matrices
 from .aggregation import communication, fedavg, naa, zero_pad_average
 from .importance import ImportanceTracker
-from .planner import ClientSpec, client_memory, plan, smashed_bytes
+from .planner import DEFAULT_RANK_LEVELS, ClientSpec, client_memory, plan, smashed_bytes
 from .split import num_blocks
 
 # ---- plain functions ------------------------------------------------------------------------------
@@ -107,7 +107,7 @@ def plot_replay(frame: pd.DataFrame, delta: float):
     return fig
 
 
-def planner_table(config, budgets_gb: list[float], rank_levels=(0, 2, 4, 8, 16), batch_size: int = 8,
+def planner_table(config, budgets_gb: list[float], rank_levels=DEFAULT_RANK_LEVELS, batch_size: int = 8,
                   seq_len: int = 64, importance=None, dtype=torch.float32) -> pd.DataFrame:
     """ARMSC's plan for clients with these budgets (GB): split points, ranks, predicted memory."""
     clients = [ClientSpec(f"client{k}", b * 1e9) for k, b in enumerate(budgets_gb)]
