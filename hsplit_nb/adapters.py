@@ -19,7 +19,10 @@ from .architectures import ARCHITECTURES, architecture, num_blocks
 from .split import unwrap
 
 ADAPTER = "default"
-DEFAULT_ALPHA_OVER_R = 2.0
+DEFAULT_TOP_RANK = 16
+# scale = alpha / r with alpha fixed across ranks (Hu et al.): under Adam every parameter moves about lr per step,
+# so a fixed alpha keeps the first steps' size about the same at every rank; 2 x the top rank level keeps scale 2 there
+DEFAULT_ALPHA = 2.0 * DEFAULT_TOP_RANK
 
 # family -> {short kind -> module path inside one block}, from the architecture table
 CANDIDATES = {family: dict(arch.candidates) for family, arch in ARCHITECTURES.items()}
@@ -74,30 +77,29 @@ def resolve_ranks(model_or_config, ranks) -> dict[str, int]:
     return {m.name: ranks.get(m.name, ranks.get(m.kind, 0)) for m in matrices}
 
 
-def lora_config(model_or_config, ranks, alpha_over_r: float = DEFAULT_ALPHA_OVER_R,
-                dropout: float = 0.0) -> LoraConfig:
-    """peft LoraConfig with per-matrix ranks (rank_pattern) and alpha = alpha_over_r * r (alpha_pattern)."""
+def lora_config(model_or_config, ranks, alpha: float = DEFAULT_ALPHA, dropout: float = 0.0) -> LoraConfig:
+    """peft LoraConfig with per-matrix ranks (rank_pattern) and one alpha for every rank, so scale = alpha / r."""
     resolved = {name: r for name, r in resolve_ranks(model_or_config, ranks).items() if r > 0}
     if not resolved:
         raise ValueError("every rank is 0: at least one matrix needs an adapter (rank > 0)")
-    if alpha_over_r <= 0:
-        raise ValueError(f"alpha_over_r must be positive, got {alpha_over_r!r}")
+    if not alpha > 0:
+        raise ValueError(f"alpha must be positive, got {alpha!r}")
     first = next(iter(resolved.values()))
     config = getattr(model_or_config, "config", model_or_config)
     return LoraConfig(
-        r=first, lora_alpha=alpha_over_r * first, lora_dropout=dropout, bias="none",
+        r=first, lora_alpha=alpha, lora_dropout=dropout, bias="none",
         target_modules=sorted(resolved),
         rank_pattern={re.escape(name): r for name, r in resolved.items()},
-        alpha_pattern={re.escape(name): alpha_over_r * r for name, r in resolved.items()},
+        alpha_pattern={re.escape(name): alpha for name in resolved},
         fan_in_fan_out=architecture(config).weights_transposed,
     )
 
 
-def add_adapters(model, ranks, alpha_over_r: float = DEFAULT_ALPHA_OVER_R, dropout: float = 0.0,
+def add_adapters(model, ranks, alpha: float = DEFAULT_ALPHA, dropout: float = 0.0,
                  adapter: str = ADAPTER):
     """LoRA on the matrices of nonzero rank, as adapter `adapter`: wraps a transformers model in a peft
     model (base weights frozen), or adds one more named adapter to a peft model."""
-    config = lora_config(unwrap(model), ranks, alpha_over_r, dropout)
+    config = lora_config(unwrap(model), ranks, alpha, dropout)
     if unwrap(model) is model:
         return get_peft_model(model, config, adapter_name=adapter)
     model.add_adapter(adapter, config)
@@ -165,23 +167,26 @@ def reset_adapter(model, name: str, adapter: str = ADAPTER) -> None:
     lora_layer(model, name, adapter).reset_lora_parameters(adapter, True)
 
 
-def restart_seed(seed: int, label: str, name: str, generation: int) -> int:
-    """A 63-bit seed for restarting adapter `label` on matrix `name` at `generation`, the same in every process."""
-    digest = hashlib.sha256(f"{seed}/{label}/{name}/{generation}".encode()).digest()
+def restart_seed(seed: int, name: str, generation: int) -> int:
+    """A 63-bit seed for (re)starting every adapter on matrix `name` at `generation`, the same in every process
+    and for every holder: a client's name never enters it (common initialisation)."""
+    digest = hashlib.sha256(f"{seed}/{name}/{generation}".encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
 
 
-def restart_adapter(model, name: str, adapter: str, seed: int) -> None:
-    """Fresh adapter at the same rank from its own generator: A by peft's Kaiming-uniform init, B zero.
+def restart_adapter(model, name: str, adapter: str, seed: int, top_rank: int | None = None) -> None:
+    """Fresh adapter at the same rank from its own generator: A by peft's Kaiming-uniform init drawn at
+    `top_rank` rows (default: its own rank), of which a rank-r adapter takes the first r; B zero.
 
     With a seed both sides know, a client and the server restart the same adapter to the same values
-    without sending it."""
+    without sending it, and adapters of different ranks on one matrix share their leading rows of A."""
     layer = lora_layer(model, name, adapter)
     A, B = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
-    fresh = torch.empty(A.shape, dtype=torch.float32)
+    rows = max(A.shape[0], top_rank or 0)
+    fresh = torch.empty((rows, A.shape[1]), dtype=torch.float32)
     torch.nn.init.kaiming_uniform_(fresh, a=math.sqrt(5), generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
-        A.copy_(fresh)
+        A.copy_(fresh[: A.shape[0]])
         B.zero_()
 
 

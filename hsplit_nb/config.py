@@ -49,6 +49,8 @@ class ExperimentConfig:
     lr: float = 1e-3
     ft_lr: float = 5e-5
     rank_levels: list = field(default_factory=lambda: list(DEFAULT_RANK_LEVELS))
+    server_adapter_budget: float | None = None  # bytes for the main server's shared adapters (null: top rank)
+    lora_alpha: float | None = None  # scale = alpha / r, alpha fixed across ranks (null: 2 x the top rank level)
     headroom: float = 0.1
     split_points: list | None = None  # fixed split point per client for ARMSC methods (null: ARMSC chooses)
     iwi_interval: int = 5
@@ -109,6 +111,15 @@ class ExperimentConfig:
 
     def client_names(self) -> list[str]:
         return [f"c{k}" for k in range(self.num_clients)]
+
+    @property
+    def top_rank(self) -> int:
+        return max(self.rank_levels)
+
+    @property
+    def alpha(self) -> float:
+        """LoRA's alpha, the same at every rank: as configured, else 2 x the top rank level."""
+        return self.lora_alpha if self.lora_alpha is not None else 2.0 * self.top_rank
 
     def budget_scale(self, model_config) -> float:
         """Bytes per budget unit: the model's weight bytes for "weights", 1 for "bytes"."""
@@ -184,6 +195,11 @@ def _check_numbers(cfg: ExperimentConfig) -> None:
     for f, lo, hi, text in (("headroom", 0, 1, "[0, 1)"), ("beta_max", 0, 1, "[0, 1)")):
         if not lo <= getattr(cfg, f) < hi:
             _bad(f, getattr(cfg, f), f"a number in {text}")
+    if cfg.server_adapter_budget is not None and not (isinstance(cfg.server_adapter_budget, (int, float))
+                                                      and cfg.server_adapter_budget >= 0):
+        _bad("server_adapter_budget", cfg.server_adapter_budget, "a non-negative number of bytes, or null (top rank)")
+    if cfg.lora_alpha is not None and not (isinstance(cfg.lora_alpha, (int, float)) and cfg.lora_alpha > 0):
+        _bad("lora_alpha", cfg.lora_alpha, "a positive number, or null for 2 x the top rank level")
     for f in ("val_fraction", "gamma"):
         if not 0 < getattr(cfg, f) < 1:
             _bad(f, getattr(cfg, f), "a number in (0, 1)")

@@ -30,6 +30,7 @@ class PlanInputs:
     importance: dict | None      # Ibar per matrix, None for uniform
     fixed_splits: list | None    # fixed split point per present client (config `split_points`), or None
     n_blocks: int
+    server_adapter_budget: float | None = None  # bytes for the main server's shared adapter set (None: top rank)
 
 
 @dataclass(frozen=True)
@@ -44,18 +45,22 @@ class SplitPolicy:
 
 @dataclass(frozen=True)
 class RankPolicy:
-    """Which matrices carry adapters and at which rank: `choose(inputs, splits) -> [{matrix: rank}]`."""
+    """Which matrices carry adapters and at which rank: `choose(inputs, splits) -> [{matrix: rank}]` for the
+    clients, `server(inputs, ranks, server_matrices) -> {matrix: rank}` for the main server's shared set."""
     name: str
     adapters: bool = True        # False: full fine-tuning, every weight trains
     step_flops_factor: float = 1.0  # compute of a step relative to LoRA's (FT also computes weight gradients)
     choose: Callable | None = None
+    server: Callable | None = None
 
 
 @dataclass(frozen=True)
 class ServerAdapterPolicy:
-    """Whose adapters the server holds on the layers past a client's split."""
+    """Whose adapters the server holds on the layers past a client's split: one shared set that the main server
+    updates after each client's batch (the default of every split method), or one copy per client averaged
+    at aggregation (the SFL-V1 schedule, kept as a named variant)."""
     name: str
-    shared: bool                 # one server-side set trained by every client in turn (SplitLoRA)
+    shared: bool
 
     def client_ranks(self, ranks: dict[str, int], split_point: int) -> dict[str, int]:
         """The ranks of a client's own adapter: every matrix, or only its device side when the server's are shared."""
@@ -75,6 +80,15 @@ def _armsc_ranks(x: PlanInputs, splits) -> list[dict[str, int]]:
     out = planner.plan(x.config, x.specs, x.importance, x.batch_size, x.seq_len, x.levels, x.dtype_bytes, x.headroom,
                        x.server_speed, fixed_split_points=list(splits))
     return [cp.ranks for cp in out.clients]
+
+
+def _armsc_server_ranks(x: PlanInputs, ranks, server_side) -> dict[str, int]:
+    return planner.shared_server_ranks(server_side, x.importance, x.levels, x.server_adapter_budget)
+
+
+def _uniform_server_ranks(x: PlanInputs, ranks, server_side) -> dict[str, int]:
+    r = max(ranks[0].values())  # SplitLoRA: the server's set at the same uniform rank as the devices
+    return {m.name: r for m in server_side}
 
 
 def _weakest_split(x: PlanInputs) -> list[int]:
@@ -100,8 +114,8 @@ NO_SPLIT = SplitPolicy("none", federated=True, splits=False, reconfigures=False,
                        choose=lambda x: [x.n_blocks] * len(x.specs))
 CENTRAL = SplitPolicy("central", federated=False, splits=False, reconfigures=False)
 
-ARMSC_RANKS = RankPolicy("armsc", choose=_armsc_ranks)
-UNIFORM_RANKS = RankPolicy("weakest", choose=_uniform_ranks)
+ARMSC_RANKS = RankPolicy("armsc", choose=_armsc_ranks, server=_armsc_server_ranks)
+UNIFORM_RANKS = RankPolicy("weakest", choose=_uniform_ranks, server=_uniform_server_ranks)
 BUDGET_ORDER_RANKS = RankPolicy("budget-order", choose=_budget_order_ranks)
 MAX_RANKS = RankPolicy("max")
 FULL_FINE_TUNING = RankPolicy("full", adapters=False, step_flops_factor=1.5)
@@ -132,9 +146,10 @@ class Method:
 
 
 _A = AGGREGATORS
+_S = SHARED_SERVER
 METHODS = {m.name: m for m in [
-    Method("hsplitlora", ARMSC_SPLIT, ARMSC_RANKS, iwi=True, description="HSplitLoRA: IWI + ARMSC + NAA"),
-    Method("splitlora", WEAKEST_SPLIT, UNIFORM_RANKS, aggregator=_A["fedavg"], server=SHARED_SERVER,
+    Method("hsplitlora", ARMSC_SPLIT, ARMSC_RANKS, iwi=True, server=_S, description="HSplitLoRA: IWI + ARMSC + NAA"),
+    Method("splitlora", WEAKEST_SPLIT, UNIFORM_RANKS, aggregator=_A["fedavg"], server=_S,
            description="SplitLoRA: weakest client's split and rank, shared server adapters, FedAvg"),
     Method("hetlora", NO_SPLIT, BUDGET_ORDER_RANKS, aggregator=_A["hetlora"], hetlora_lambda=1e-3,
            description="HetLoRA: no split, ranks by budget, zero-pad + norm-weighted aggregation"),
@@ -142,19 +157,21 @@ METHODS = {m.name: m for m in [
            strict_memory=True, description="HetLoRA charged the whole model: clients that cannot hold it stay out"),
     Method("cenlora", CENTRAL, MAX_RANKS, description="Centralised LoRA on pooled data (reference)"),
     Method("ft", CENTRAL, FULL_FINE_TUNING, aggregator=None, description="Full fine-tuning on pooled data (reference)"),
-    Method("hsplitlora-no-iwi", ARMSC_SPLIT, ARMSC_RANKS, description="ablation: uniform importance"),
+    Method("hsplitlora-no-iwi", ARMSC_SPLIT, ARMSC_RANKS, server=_S, description="ablation: uniform importance"),
     # without ARMSC nothing consumes importance, so no calibrations are spent
-    Method("hsplitlora-no-armsc", WEAKEST_SPLIT, UNIFORM_RANKS,
+    Method("hsplitlora-no-armsc", WEAKEST_SPLIT, UNIFORM_RANKS, server=_S,
            description="ablation: weakest client's split and rank for everyone"),
-    Method("hsplitlora-no-naa", ARMSC_SPLIT, ARMSC_RANKS, iwi=True, aggregator=_A["zeropad"],
+    Method("hsplitlora-no-naa", ARMSC_SPLIT, ARMSC_RANKS, iwi=True, aggregator=_A["zeropad"], server=_S,
            description="ablation: zero-pad and average A and B instead of NAA"),
+    Method("hsplitlora-per-client-server", ARMSC_SPLIT, ARMSC_RANKS, iwi=True, server=PER_CLIENT_SERVER,
+           description="ablation: one server-side adapter copy per client, averaged by NAA (SFL-V1)"),
     Method("flora", NO_SPLIT, BUDGET_ORDER_RANKS, aggregator=_A["flora"], description="FLoRA: stacking, no split"),
     Method("flexlora", NO_SPLIT, BUDGET_ORDER_RANKS, aggregator=_A["flexlora"],
            description="FlexLoRA: averaged deltas, SVD, per-client truncation, no split"),
 ]}
 
 PAPER_METHODS = ["hsplitlora", "splitlora", "hetlora", "cenlora", "ft"]
-ABLATIONS = ["hsplitlora-no-iwi", "hsplitlora-no-armsc", "hsplitlora-no-naa"]
+ABLATIONS = ["hsplitlora-no-iwi", "hsplitlora-no-armsc", "hsplitlora-no-naa", "hsplitlora-per-client-server"]
 EXTRAS = ["hetlora-strict", "flora", "flexlora"]
 
 

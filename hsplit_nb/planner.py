@@ -246,6 +246,19 @@ def plan(config, clients: list[ClientSpec], importance: dict[str, float] | None 
                  "server_adapter_budget": server_adapter_budget})
 
 
+def shared_server_ranks(server_side: list[Matrix], importance: dict[str, float] | None, rank_levels,
+                        budget: float | None) -> dict[str, int]:
+    """Ranks of the main server's one shared adapter set from the server's own budget (bytes of adapter weight,
+    grad and Adam moments): by default the top rank level on every server-side matrix; under a smaller budget
+    the same greedy by importance per byte as the devices. Client budgets never limit it."""
+    levels = tuple(sorted(set(int(r) for r in rank_levels)))
+    if budget is None:
+        return {m.name: levels[-1] for m in server_side}
+    if not budget >= 0:
+        raise ValueError(f"server_adapter_budget must be a non-negative number of bytes, got {budget!r}")
+    return _server_ranks(server_side, importance or {m.name: 1.0 for m in server_side}, levels, budget)
+
+
 # ---- the baselines' rules -------------------------------------------------------------------------
 
 def every_matrix(config, rank: int) -> dict[str, int]:

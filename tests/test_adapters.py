@@ -50,7 +50,7 @@ def test_bad_ranks_are_clear_errors(ranks, match):
         lora_config(model, ranks)
 
 
-def test_per_matrix_ranks_rank_zero_left_out_and_scale_two(family):
+def test_per_matrix_ranks_rank_zero_left_out_and_alpha_fixed_across_ranks(family):
     model, _ = tiny_model(family)
     first = "q" if family == "llama" else "c_attn"
     second = "model.layers.1.mlp.down_proj" if family == "llama" else "transformer.h.1.mlp.c_fc"
@@ -59,8 +59,26 @@ def test_per_matrix_ranks_rank_zero_left_out_and_scale_two(family):
     names = adapter_names(pm)
     assert zero not in names and second in names and len(names) == 4
     assert read_adapter(pm, second).rank == 16
-    assert {read_adapter(pm, n).scale for n in names} == {2.0}
+    assert read_adapter(pm, second).scale == 32 / 16  # the default alpha is 2 x the top rank level (16)
+    assert {read_adapter(pm, n).scale for n in names if n != second} == {32 / 2}
     assert {read_adapter(pm, n).rank for n in names if n != second} == {2}
+
+
+@pytest.mark.parametrize("levels", [(0, 2, 4, 8, 16), (0, 1, 4, 32)])
+def test_the_scale_is_alpha_over_r_at_every_rank_level(levels):
+    """scale = alpha / r with one alpha for every rank: by default 2 x the top level, or as configured."""
+    from hsplit_nb.config import ExperimentConfig
+
+    cfg = ExperimentConfig(rank_levels=list(levels))
+    assert cfg.alpha == 2 * max(levels) and ExperimentConfig(lora_alpha=5.0).alpha == 5.0
+    model, _ = tiny_model("llama")
+    kinds = ["q", "k", "v", "o", "gate", "up", "down"]
+    positive = [r for r in levels if r > 0]
+    pm = add_adapters(model, {kind: positive[i % len(positive)] for i, kind in enumerate(kinds)}, alpha=cfg.alpha)
+    for n in adapter_names(pm):
+        f = read_adapter(pm, n)
+        assert f.scale == pytest.approx(cfg.alpha / f.rank), n
+    assert {read_adapter(pm, n).rank for n in adapter_names(pm)} == set(positive)
     assert all(not p.requires_grad for n, p in pm.named_parameters() if "lora_" not in n)
 
 
@@ -93,7 +111,7 @@ def test_delta_matches_peft_and_write_read_round_trip(family):
 def test_merge_round_trip(tiny, batch):
     """Merging the delta into the frozen weight and zeroing B leaves the output unchanged; -delta undoes it."""
     model, _ = tiny
-    pm = add_adapters(model, 4)
+    pm = add_adapters(model, 4, alpha=8)  # scale 2: random factors of this size keep the logits in fp32 range
     _random_factors(pm)
     with torch.no_grad():
         with_adapters = pm(**batch).logits
@@ -145,8 +163,9 @@ def test_restart_adapter_is_keyed_by_its_seed_and_starts_at_zero_delta(tiny):
     pm = add_adapters(model, 4)
     n = adapter_names(pm)[0]
 
-    seed = restart_seed(0, "c1", n, 3)
-    assert seed == restart_seed(0, "c1", n, 3) and seed != restart_seed(0, "c1", n, 4) != restart_seed(0, "c2", n, 3)
+    seed = restart_seed(0, n, 3)
+    assert seed == restart_seed(0, n, 3) and seed != restart_seed(0, n, 4) != restart_seed(1, n, 3)
+    assert seed != restart_seed(0, adapter_names(pm)[1], 3)
     restart_adapter(pm, n, "default", seed)
     first = read_adapter(pm, n)
     assert first.B.abs().sum() == 0 and first.delta().abs().sum() == 0 and first.A.abs().sum() > 0
@@ -155,3 +174,18 @@ def test_restart_adapter_is_keyed_by_its_seed_and_starts_at_zero_delta(tiny):
     torch.manual_seed(123)  # the global generator plays no part
     restart_adapter(pm, n, "default", seed)
     torch.testing.assert_close(read_adapter(pm, n).A, first.A, atol=0, rtol=0)
+
+
+def test_common_initialisation_lower_ranks_take_the_first_rows_of_the_top_rank_draw(tiny):
+    """Every adapter on a matrix at one generation starts from the same A, whoever holds it; a rank-r adapter
+    takes the first r rows of the top-rank draw."""
+    model, _ = tiny
+    pm = add_adapters(model, 16, adapter="c0")
+    pm.add_adapter("c1", lora_config(model, 16))
+    pm.add_adapter("c2", lora_config(model, 4))
+    n = adapter_names(pm, "c0")[0]
+    for adapter in ("c0", "c1", "c2"):
+        restart_adapter(pm, n, adapter, restart_seed(0, n, 7), top_rank=16)
+    a0, a1, a2 = (read_adapter(pm, n, a).A for a in ("c0", "c1", "c2"))
+    torch.testing.assert_close(a0, a1, atol=0, rtol=0)
+    torch.testing.assert_close(a2, a0[:4], atol=0, rtol=0)

@@ -13,7 +13,7 @@ from hsplit_nb.adapters import (
 )
 from hsplit_nb.data import E2EDataset, Collator, load_builtin
 from hsplit_nb.experiment import ExperimentConfig, run_experiment
-from hsplit_nb.federation import Client, federation
+from hsplit_nb.federation import SERVER_ADAPTER, Client, federation
 from hsplit_nb.methods import METHODS, get_method
 from hsplit_nb.models import tiny_model
 from hsplit_nb.planner import ClientSpec
@@ -50,9 +50,13 @@ def _one_client_federation(seed=0, rounds=2, local_steps=3):
 
 
 def test_one_client_naa_equals_centralised_lora_with_the_same_merges():
+    """One client at split 2: its device layers (0-1) merge and restart every round, the main server's shared
+    adapters on the server-only layers (2-3) keep learning with their Adam moments, as one plain LoRA model
+    does with the same merges."""
     rounds, steps = 3, 3
     fed, data, tok = _one_client_federation(rounds=rounds, local_steps=steps)
-    ranks = dict(fed.clients[0].ranks)
+    ranks = {n: r for n, r in fed.clients[0].ranks.items() if int(n.split(".")[2]) < 2}
+    server_ranks = {n: 16 for n in adapter_names(fed.pm, SERVER_ADAPTER)}  # the server's default: the top rank
     assert fed.clients[0].split_point == 2 and any(ranks.values())
     for r in range(1, rounds + 1):
         fed.begin_round(r)
@@ -60,10 +64,10 @@ def test_one_client_naa_equals_centralised_lora_with_the_same_merges():
 
     # the reference: one unsplit model, plain LoRA steps on the same batches, the same merges and restarts
     model, _ = tiny_model("llama")
-    pm = add_adapters(model, ranks)
+    pm = add_adapters(model, {**ranks, **server_ranks})
     generation = 1  # the initial configuration; every aggregation counts one more
     for n in adapter_names(pm):
-        restart_adapter(pm, n, "default", restart_seed(0, "c0", n, generation))
+        restart_adapter(pm, n, "default", restart_seed(0, n, generation), top_rank=16)
     collate = Collator(tok.pad_token_id)
     order_state = {"epoch": 0, "pos": 0}
 
@@ -78,22 +82,27 @@ def test_one_client_naa_equals_centralised_lora_with_the_same_merges():
                 order_state["epoch"], order_state["pos"] = order_state["epoch"] + 1, 0
         return collate(items)
 
-    names = adapter_names(pm)
+    device = [n for n in adapter_names(pm) if n in ranks]
+    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=3e-3)
     for _ in range(rounds):
-        opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=3e-3)
         pm.train()
         for _ in range(steps):
             opt.zero_grad()
             pm(**next_batch()).loss.backward()
             opt.step()
         generation += 1
-        for n in names:
+        for n in device:
             merge_delta(pm, n, read_adapter(pm, n).delta())
-            restart_adapter(pm, n, "default", restart_seed(0, "c0", n, generation))
+            restart_adapter(pm, n, "default", restart_seed(0, n, generation), top_rank=16)
+            layer = pm.base_model.model.get_submodule(n)
+            for p in (layer.lora_A["default"].weight, layer.lora_B["default"].weight):
+                opt.state.pop(p, None)
     assert fed.generation == generation
-    for n in names:
+    for n in adapter_names(pm):
         torch.testing.assert_close(base_weight(fed.pm, n), base_weight(pm, n), atol=1e-5, rtol=0)
-        torch.testing.assert_close(read_adapter(fed.pm, n, "c0").A, read_adapter(pm, n).A, atol=1e-5, rtol=0)
+        mine = read_adapter(fed.pm, n, "c0" if n in ranks else SERVER_ADAPTER)
+        torch.testing.assert_close(mine.A, read_adapter(pm, n).A, atol=1e-5, rtol=0)
+        torch.testing.assert_close(mine.B, read_adapter(pm, n).B, atol=1e-5, rtol=0)
 
 
 def test_dropout_keeps_others_training_and_excludes_the_absent_weight(monkeypatch):

@@ -60,6 +60,7 @@ class RemoteClient(ClientProxy):
                    pos=msg.pos)
         self.wire.send_tensors(self.rank, msg.weights, "sync")
         self.wire.send_tensors(self.rank, msg.factors, "sync")
+        self.wire.send_obj(self.rank, msg.optimizer, "sync")
 
     @_guarded
     def configure(self, msg: Configure) -> None:
@@ -131,6 +132,12 @@ class RemoteClient(ClientProxy):
             self.wire.send(self.rank, B, "adapter_down")
             self.wire.send(self.rank, A, "adapter_down")
         self.wire.send_tensors(self.rank, msg.factors, "adapter_down")
+
+    @_guarded
+    def optimizer_state(self) -> dict | None:
+        """The client's device-side optimizer state, for the server's checkpoint (protocol bytes, `sync`)."""
+        self._send("optimizer")
+        return self.wire.recv_obj(self.rank, "sync")
 
     @_guarded
     def finish(self, dump: bool) -> None:

@@ -58,14 +58,19 @@ class ClientProcess:
     def op_method(self, name: str) -> None:
         self.method = get_method(name)
         model, tok = load_model(self.cfg.model, device=self.cfg.device)
-        self.client = LocalClient(Client(self.name, None, self.indices), Replica(model, self.cfg.seed),
+        self.client = LocalClient(Client(self.name, None, self.indices), Replica(model, self.cfg.seed, self.cfg.top_rank, self.cfg.alpha),
                                   E2EDataset(self.train_rows, tok, self.cfg.seq_len), Collator(tok.pad_token_id),
                                   self.cfg, self.index, self.method.hetlora_lambda, shares_replica=False)
         self.wire.send_obj(SERVER, {"client": self.name, "pid": os.getpid()})
         self.log(f"method {name}")
 
     def op_sync(self, **fields) -> None:
-        self.client.sync(Sync(**fields, weights=self._tensors("sync"), factors=self._tensors("sync")))
+        weights, factors = self._tensors("sync"), self._tensors("sync")
+        self.client.sync(Sync(**fields, weights=weights, factors=factors,
+                              optimizer=self.wire.recv_obj(SERVER, "sync")))
+
+    def op_optimizer(self) -> None:
+        self.wire.send_obj(SERVER, self.client.optimizer_state(), "sync")
 
     def op_configure(self, folds, blocks, **fields) -> None:
         folds = self._pairs(folds, "weights_down")

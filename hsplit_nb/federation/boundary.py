@@ -18,10 +18,18 @@ SERVER_ADAPTER = "server"
 
 
 def _holders(server, m) -> list[Client]:
-    """Clients whose own adapter carries matrix m (on the server's side too, unless the server's are shared)."""
+    """Clients whose own adapter carries matrix m: on their device, or (per-client variant) on the server too."""
     shared = server.method.server.shared
     return [c for c in server.clients if c.ranks.get(m.name, 0) > 0 and server.replica.has_adapter(c.name)
             and not (shared and not c.hosts(m.layer))]
+
+
+def _server_copy_weight(server, m) -> float | None:
+    """The shared server copy's NAA weight on m: the data of the present clients whose server part contained
+    m's layer this round (None: the server holds no shared copy of m)."""
+    if not (server.method.server.shared and m.name in server.shared_matrices()):
+        return None
+    return sum(len(c.indices) for c in server.present if not c.hosts(m.layer))
 
 
 def _collect_uploads(server) -> None:
@@ -35,30 +43,40 @@ def _collect_uploads(server) -> None:
 
 
 def _aggregate_matrix(server, m, ledger: Ledger) -> None:
+    """Aggregate one matrix over its holders: the clients' adapters and, on an overlap layer, the server's
+    shared copy (one more holder, weighted by the data it served). Server-only layers are left to learn on."""
     agg, holders = server.aggregator, _holders(server, m)
     if not holders:
         return
+    served = _server_copy_weight(server, m)
+    names = [c.name for c in holders] + ([SERVER_ADAPTER] if served is not None else [])
+    factors = [read_adapter(server.pm, m.name, a) for a in names]
     # absent clients have weight 0: they add nothing, but get what they would have received
-    factors = [read_adapter(server.pm, m.name, c.name) for c in holders]
-    out = agg(factors, [len(c.indices) if c.present else 0 for c in holders])
+    weights = [len(c.indices) if c.present else 0 for c in holders] + ([served] if served is not None else [])
+    out = agg(factors, weights)
     ranks = [f.rank if c.present else 0 for f, c in zip(factors, holders)]
-    comm = agg.communication(ranks, m.d_in, m.d_out, [c.hosts(m.layer) for c in holders])
+    on_device = [c.hosts(m.layer) for c in holders]
+    if served is not None:  # the server's copy is stacked too, but never crosses the network
+        ranks.append(factors[-1].rank if served else 0)
+        on_device.append(False)
+    comm = agg.communication(ranks, m.d_in, m.d_out, on_device)
     for c, cb in zip(holders, comm):
         if c.present:
             ledger.add(c.name, "adapter_up", cb["up"])
             ledger.add(c.name, "adapter_down", cb["down"])
     if not agg.merges:
-        for c, f in zip(holders, out.factors):
+        for a, f in zip(names, out.factors):
             if f is not None:
-                write_adapter(server.pm, m.name, f[0], f[1], c.name)
+                write_adapter(server.pm, m.name, f[0], f[1], a)
         if out.global_delta is not None:
             server.global_deltas[m.name] = out.global_delta
         return
     if out.merge is not None:
         merge(server, m.name, out.merge)
-    for c in holders:
-        server.replica.restart(m.name, c.name, server.generation)
-        server.last_reset[c.name] = server.generation
+    for a in names:
+        server.replica.restart(m.name, a, server.generation)
+        server.forget(a, m.name)
+        server.last_reset[a] = server.generation
     rank_sum = out.merge.rank if out.merge is not None else 0
     for c in server.present:  # a client hosting the layer without an adapter there still merges
         if c not in holders and c.hosts(m.layer) and rank_sum:
@@ -73,12 +91,13 @@ def aggregate(server, ledger: Ledger) -> float:
     server.generation += 1
     for m in server.matrices:
         _aggregate_matrix(server, m, ledger)
-    if server.method.server.shared and server.replica.has_adapter(SERVER_ADAPTER):
-        for n in adapter_names(server.pm, SERVER_ADAPTER):
+    for n in server.shared_matrices():  # server-only layers: the global model carries the shared set's delta
+        if not any(c.hosts(layer_of(n)) for c in server.clients if server.replica.has_adapter(c.name)
+                   and c.ranks.get(n, 0) > 0):
             f = read_adapter(server.pm, n, SERVER_ADAPTER)
             server.global_deltas[n] = Stacked(f.scale * f.B, f.A)
     present = server.present
-    seconds = Clock.transfer(present, {c.name: ledger.boundary_bytes(c.name) for c in present})
+    seconds = Clock.transfer(present, {c.name: ledger.adapter_bytes(c.name) for c in present})
     for c in present:
         server.ask(c, "apply", apply_message(server, c))
     return seconds
@@ -107,6 +126,7 @@ def fold_global_deltas(server) -> None:
     for name, stacked in server.global_deltas.items():
         merge(server, name, stacked)
     server.global_deltas = {}
+    server.server_opts = {}
     for adapter in server.replica.adapters():
         server.replica.restart_all(adapter, server.generation)
         server.last_reset[adapter] = server.generation

@@ -12,8 +12,9 @@ from .clients import Client
 from .ledger import calibration_bytes
 
 
-def calibrate(server) -> None:
-    """One calibration of every present client, folded into the tracker."""
+def calibrate(server) -> dict[str, int]:
+    """One calibration of every present client, folded into the tracker; returns the bytes each client moved
+    (for the clock)."""
     if not server.method.splits:
         raise ValueError(f"method {server.method.name!r}: IWI calibration needs a split")
     present = server.present
@@ -21,13 +22,17 @@ def calibrate(server) -> None:
         server.ask(c, "begin_calibration", c.split_point, server.calibrations)
     total = sum(len(c.indices) for c in present)
     scores = {m.name: 0.0 for m in server.matrices}
+    moved = {}
     for c in present:
+        before = sum(server.calibration_ledger.bytes[c.name].values())
         for n, v in (client_rngwp(server, c) or {}).items():
             scores[n] += len(c.indices) / total * v
+        moved[c.name] = sum(server.calibration_ledger.bytes[c.name].values()) - before
     server.tracker.update(scores)
     server.calibrations += 1
     if server.configured_state is not None:
         server.pending = server.tracker.trigger()  # importance only; resources are checked at the boundary
+    return moved
 
 
 def client_rngwp(server, c: Client) -> dict[str, float] | None:
@@ -37,9 +42,8 @@ def client_rngwp(server, c: Client) -> dict[str, float] | None:
     if up is None:
         return None
     smashed, mask, labels = (t.to(server.device) for t in up)
-    server.activate(c, required=False)
     srv = side_matrices(server.config, split, "server")
-    with scoring(server.pm, [m.name for m in srv]) as weights:
+    with server.serving(c), scoring(server.pm, [m.name for m in srv]) as weights:
         scores, grad = server_scores(ServerPart(server.pm, split), smashed, mask, labels, srv, weights)
     values = server.ask(c, "calibration_backward", grad)
     if values is None:

@@ -26,11 +26,12 @@ class CentralTraining:
         self.model, self.method, self.clients, self.data, self.cfg, self.device = \
             model, method, clients, train_dataset, cfg, device
         self.collate = Collator(tokenizer.pad_token_id)
-        self.replica = Replica(model, cfg.seed)
+        self.replica = Replica(model, cfg.seed, cfg.top_rank, cfg.alpha)
         self.clock = Clock(model.config, cfg.batch_size, cfg.seq_len, cfg.server_speed)
         self.pooled = Client("pooled", clients[0].spec, sorted(i for c in clients for i in c.indices))
         self.sim_time = self.wall_time = 0.0
-        self.top_rank = max(cfg.rank_levels)
+        self.top_rank = cfg.top_rank
+        self.opt = None
 
     @property
     def present(self) -> list[Client]:
@@ -49,15 +50,13 @@ class CentralTraining:
             for p in self.model.parameters():
                 p.requires_grad_(True)
         else:
-            self.replica.pm = add_adapters(self.model, self.top_rank, adapter=CENTRAL_ADAPTER)
+            self.replica.pm = add_adapters(self.model, self.top_rank, alpha=self.cfg.alpha, adapter=CENTRAL_ADAPTER)
 
     def run_round(self, r: int, weights_down=None) -> dict:
         """As many steps on the pooled data as all clients together take in a round."""
         start = time.perf_counter()
         n = self.cfg.local_steps * len(self.clients)
-        model = self.trained
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
-                                lr=self.cfg.ft_lr if self.full else self.cfg.lr)
+        model, opt = self.trained, self.optimizer()
         losses = []
         model.train()
         for _ in range(n):
@@ -73,6 +72,13 @@ class CentralTraining:
         self.wall_time += time.perf_counter() - start
         return {"round": r, "train_loss": float(np.mean(losses)),
                 "bytes": Ledger([c.name for c in self.clients]).bytes, "reasons": []}
+
+    def optimizer(self):
+        """One AdamW for the whole run: the adapters (or weights) persist, so does its state."""
+        if self.opt is None:
+            self.opt = torch.optim.AdamW([p for p in self.trained.parameters() if p.requires_grad],
+                                         lr=self.cfg.ft_lr if self.full else self.cfg.lr)
+        return self.opt
 
     @contextlib.contextmanager
     def global_model(self):
@@ -90,7 +96,8 @@ class CentralTraining:
     def state(self) -> dict:
         state = {"clients": checkpoint.client_records(self.clients + [self.pooled]),
                  "adapters": checkpoint.adapters_state(self.replica), "sim_time": self.sim_time,
-                 "wall_time": self.wall_time, "rng": checkpoint.rng_state()}
+                 "wall_time": self.wall_time, "rng": checkpoint.rng_state(),
+                 "optimizer": None if self.opt is None else self.opt.state_dict()}
         if self.full:
             state["full"] = {n: p.detach().clone() for n, p in self.model.named_parameters()}
         return state
@@ -107,4 +114,7 @@ class CentralTraining:
             for n, f in state["adapters"][CENTRAL_ADAPTER].items():
                 write_adapter(self.replica.pm, n, f.A, f.B, CENTRAL_ADAPTER)
         self.sim_time, self.wall_time = state["sim_time"], state["wall_time"]
+        self.opt = None
+        if state["optimizer"] is not None:
+            self.optimizer().load_state_dict(state["optimizer"])
         checkpoint.load_rng_state(state["rng"])

@@ -53,6 +53,8 @@ def server_state(server) -> dict:
         "generation": server.generation, "last_reset": dict(server.last_reset),
         "configured_state": server.configured_state, "sim_time": server.sim_time, "wall_time": server.wall_time,
         "tracker": None if server.tracker is None else {k: getattr(server.tracker, k) for k in TRACKER_FIELDS},
+        "server_optimizers": {k: None if opt is None else opt.state_dict() for k, opt in server.server_opts.items()},
+        "client_optimizers": {c.name: server.ask(c, "optimizer_state") for c in server.clients if not c.excluded},
         "rng": rng_state(),
     }
 
@@ -76,16 +78,21 @@ def load_server_state(server, state: dict) -> None:
     if server.tracker is not None and state["tracker"] is not None:
         for k, v in state["tracker"].items():
             setattr(server.tracker, k, v)
+    server.server_opts = {}
+    for key, saved in state["server_optimizers"].items():
+        opt = server.server_opts[key] = server._new_server_optimizer(key)
+        if saved is not None:
+            opt.load_state_dict(saved)
     load_rng_state(state["rng"])
     server._mark_lost_clients()
     server._open()
     for c in server.clients:
         if not c.excluded:
-            server.ask(c, "sync", _sync_message(server, c))
+            server.ask(c, "sync", _sync_message(server, c, state["client_optimizers"].get(c.name)))
 
 
-def _sync_message(server, c) -> Sync:
+def _sync_message(server, c, optimizer) -> Sync:
     has = server.replica.has_adapter(c.name) and bool(server.device_ranks(c))
     return Sync(c.split_point, server.device_ranks(c), server.generation, c.epoch, c.pos,
                 weights=server.replica.weights(sorted(n for n in server.touched if c.hosts(layer_of(n)))),
-                factors=server.replica.factors(c.name, c.device_layers) if has else {})
+                factors=server.replica.factors(c.name, c.device_layers) if has else {}, optimizer=optimizer)

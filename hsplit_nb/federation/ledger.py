@@ -34,9 +34,10 @@ class Ledger:
     def add(self, client: str, kind: str, n: int) -> None:
         self.bytes[client][kind] += n
 
-    def boundary_bytes(self, client: str) -> int:
-        """What a client moves at a round boundary: adapters up and down, and weights down."""
-        return sum(v for k, v in self.bytes[client].items() if k.startswith(("adapter", "weights")))
+    def adapter_bytes(self, client: str) -> int:
+        """What a client moves for an aggregation: adapter factors up and down (weights downloaded at the round's
+        start are timed there, once)."""
+        return sum(v for k, v in self.bytes[client].items() if k.startswith("adapter"))
 
 
 class Clock:

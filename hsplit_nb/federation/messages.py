@@ -47,7 +47,7 @@ class Apply:
 
 @dataclass
 class Sync:
-    """Everything a client held at a checkpoint, for a resumed run."""
+    """Everything a client held at a checkpoint, for a resumed run (its optimizer state included)."""
     split_point: int
     ranks: dict[str, int]
     generation: int
@@ -55,3 +55,4 @@ class Sync:
     pos: int
     weights: dict[str, torch.Tensor] = field(default_factory=dict)
     factors: dict[str, torch.Tensor] = field(default_factory=dict)
+    optimizer: dict | None = None

@@ -42,6 +42,7 @@ class ClientProxy:
     def begin_upload(self) -> None: ...
     def upload(self) -> dict[str, torch.Tensor]: ...
     def apply(self, msg: Apply) -> None: ...
+    def optimizer_state(self) -> dict | None: ...
     def finish(self, dump: bool) -> None: ...
 
 
@@ -63,16 +64,16 @@ def unsplit_step(model, batch: dict, opt, hetlora_lambda: float, gamma: float, a
 class LocalClient(ClientProxy):
     """A client's stages in this process: its data, its part of the model, its device-side optimizer.
 
-    `activate(required)` selects the adapters for the client's forward. With `shares_replica` (the
-    simulation) the replica is the server's: every decision of the server has already reached it, so the
-    boundary messages carry nothing to apply. Otherwise (a client process) they are applied here.
+    The client's forward goes through its own adapter only. With `shares_replica` (the simulation) the replica
+    is the server's: every decision of the server has already reached the weights and adapters, so the boundary
+    messages leave them alone. Otherwise (a client process) they are applied here. Either way the client keeps
+    its device-side optimizer across rounds and drops it when its adapter restarts or is rebuilt.
     """
 
     def __init__(self, record: Client, replica: Replica, data, collate, cfg, stream: int, hetlora_lambda: float = 0.0,
-                 shares_replica: bool = True, activate=None):
+                 shares_replica: bool = True):
         self.record, self.replica, self.data, self.collate, self.cfg = record, replica, data, collate, cfg
         self.stream, self.hetlora_lambda, self.shares_replica = stream, hetlora_lambda, shares_replica
-        self._activate = activate or self._activate_own
         self.opt = None
         self._graph = None  # the smashed data of the step in flight, with its autograd graph
         self._calibration: tuple | None = None
@@ -82,17 +83,18 @@ class LocalClient(ClientProxy):
     def name(self) -> str:
         return self.record.name
 
-    def _activate_own(self, required: bool) -> None:
-        if self.replica.has_adapter(self.name):
-            self.replica.activate([self.name])
+    def _own(self):
+        return self.replica.using([self.name])
 
     def _batch(self, positions) -> dict:
         items = [self.data[self.record.indices[i]] for i in positions]
         return {k: v.to(self.cfg.device) for k, v in self.collate(items).items()}
 
-    # ---- boundary messages (applied only to a replica of the client's own) ---------------------------
+    # ---- boundary messages (weights and adapters applied only to a replica of the client's own) -------
 
     def configure(self, msg: Configure) -> None:
+        if msg.rebuild or msg.folded:
+            self.opt = None  # a rebuilt or restarted adapter starts with fresh optimizer state
         if self.shares_replica:
             return
         for n, B, A in msg.folds:
@@ -106,15 +108,20 @@ class LocalClient(ClientProxy):
         self.record.split_point, self.record.ranks = msg.split_point, dict(msg.ranks)
 
     def sync(self, msg: Sync) -> None:
-        if self.shares_replica:
-            return
-        self.replica.replace_adapter(self.name, msg.ranks, msg.generation)
-        self.record.split_point, self.record.ranks = msg.split_point, dict(msg.ranks)
-        self.record.epoch, self.record.pos = msg.epoch, msg.pos
-        self.replica.load_weights(msg.weights)
-        self.replica.write_factors(self.name, msg.factors)
+        if not self.shares_replica:
+            self.replica.replace_adapter(self.name, msg.ranks, msg.generation)
+            self.record.split_point, self.record.ranks = msg.split_point, dict(msg.ranks)
+            self.record.epoch, self.record.pos = msg.epoch, msg.pos
+            self.replica.load_weights(msg.weights)
+            self.replica.write_factors(self.name, msg.factors)
+        self.opt = None
+        if msg.optimizer is not None:
+            self._new_optimizer()
+            self.opt.load_state_dict(msg.optimizer)
 
     def catch_up(self, msg: CatchUp) -> None:
+        if msg.restart:
+            self.opt = None
         if self.shares_replica:
             return
         self.replica.load_weights(msg.weights)
@@ -123,6 +130,8 @@ class LocalClient(ClientProxy):
         self.replica.write_factors(self.name, msg.factors)
 
     def apply(self, msg: Apply) -> None:
+        if msg.restart:
+            self.opt = None
         if self.shares_replica:
             return
         for n, B, A in msg.merges:
@@ -131,13 +140,21 @@ class LocalClient(ClientProxy):
             self.replica.restart_all(self.name, msg.generation)
         self.replica.write_factors(self.name, msg.factors)
 
+    def optimizer_state(self) -> dict | None:
+        """The device-side optimizer's state, for the server's checkpoint (None: starts fresh next round)."""
+        return None if self.opt is None else self.opt.state_dict()
+
     # ---- a round -----------------------------------------------------------------------------------
 
-    def begin_round(self, round_: int) -> None:
-        """A fresh AdamW over the client's device-side adapter parameters."""
+    def _new_optimizer(self) -> None:
         has = self.replica.has_adapter(self.name)
         params = adapter_parameters(self.replica.pm, self.name, self.record.device_layers) if has else []
         self.opt = torch.optim.AdamW(params, lr=self.cfg.lr) if params else None
+
+    def begin_round(self, round_: int) -> None:
+        """AdamW over the client's device-side adapters: kept from the last round unless they restarted."""
+        if self.opt is None:
+            self._new_optimizer()
         self.replica.pm.train()
 
     def _next_batch(self) -> dict:
@@ -146,8 +163,9 @@ class LocalClient(ClientProxy):
     def forward(self):
         """The device part's forward on the next mini-batch; the graph stays until `backward`."""
         batch = self._next_batch()
-        self._activate(True)
-        self._graph = ClientPart(self.replica.pm, self.record.split_point)(batch["input_ids"], batch["attention_mask"])
+        with self._own():
+            self._graph = ClientPart(self.replica.pm, self.record.split_point)(batch["input_ids"],
+                                                                                batch["attention_mask"])
         return self._graph.detach(), batch["attention_mask"], batch["labels"]
 
     def backward(self, grad: torch.Tensor) -> None:
@@ -156,8 +174,8 @@ class LocalClient(ClientProxy):
 
     def unsplit_step(self) -> float:
         batch = self._next_batch()
-        self._activate(True)
-        return unsplit_step(self.replica.pm, batch, self.opt, self.hetlora_lambda, self.cfg.gamma, self.name)
+        with self._own():
+            return unsplit_step(self.replica.pm, batch, self.opt, self.hetlora_lambda, self.cfg.gamma, self.name)
 
     # ---- IWI calibration ---------------------------------------------------------------------------
 
@@ -168,10 +186,10 @@ class LocalClient(ClientProxy):
         split, calibration = self._calibration
         batch = self._batch(calibration_indices(self.record, self.cfg.batch_size, self.cfg.seed, self.stream,
                                                 calibration))
-        self._activate(False)
         cli = side_matrices(unwrap(self.replica.pm).config, split, "client")
         weights = self._scoring.enter_context(scoring(self.replica.pm, [m.name for m in cli]))
-        smashed = ClientPart(self.replica.pm, split)(batch["input_ids"], batch["attention_mask"])
+        with self._own():
+            smashed = ClientPart(self.replica.pm, split)(batch["input_ids"], batch["attention_mask"])
         self._graph = (smashed, cli, weights)
         return smashed.detach(), batch["attention_mask"], batch["labels"]
 

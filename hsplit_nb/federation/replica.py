@@ -2,9 +2,12 @@
 
 The main server holds one; in the simulation every in-process client shares it (a merge reaches every copy
 at once), while a client process holds its own. Adapter restarts draw A from a generator keyed by
-(seed, adapter, matrix, generation), so two replicas restart an adapter identically without sending it.
+(seed, matrix, generation), never by the adapter's owner, so every holder of a matrix starts from the same A
+and two replicas restart an adapter identically without sending it.
 """
 from __future__ import annotations
+
+import contextlib
 
 import torch
 from peft.tuners.lora import LoraLayer
@@ -18,8 +21,11 @@ from ..split import unwrap
 
 
 class Replica:
-    def __init__(self, model, seed: int):
-        self.model, self.seed = model, seed
+    """`top_rank`: the rows of A every restart draws (lower ranks take the first rows); `alpha`: the LoRA alpha,
+    fixed across ranks."""
+
+    def __init__(self, model, seed: int, top_rank: int, alpha: float):
+        self.model, self.seed, self.top_rank, self.alpha = model, seed, top_rank, alpha
         self.pm = model  # the peft model once adapters exist, else the transformers model
 
     def has_adapter(self, name: str) -> bool:
@@ -34,12 +40,13 @@ class Replica:
             self.pm.delete_adapter(name)
         if not any(r > 0 for r in ranks.values()):
             return False
-        self.pm = add_adapters(self.pm, ranks, adapter=name)
+        self.pm = add_adapters(self.pm, ranks, alpha=self.alpha, adapter=name)
         self.restart_all(name, generation)
         return True
 
     def restart(self, matrix: str, adapter: str, generation: int) -> None:
-        restart_adapter(self.pm, matrix, adapter, restart_seed(self.seed, adapter, matrix, generation))
+        """Common initialisation: every adapter on `matrix` at `generation` starts from the same A."""
+        restart_adapter(self.pm, matrix, adapter, restart_seed(self.seed, matrix, generation), self.top_rank)
 
     def restart_all(self, adapter: str, generation: int) -> None:
         for n in adapter_names(self.pm, adapter):
@@ -47,6 +54,19 @@ class Replica:
 
     def activate(self, names: list[str]) -> None:
         self.pm.base_model.set_adapter(names)
+
+    @contextlib.contextmanager
+    def using(self, names: list[str]):
+        """Forward and backward through exactly the adapters `names` (none: every adapter switched off)."""
+        names = [n for n in names if self.has_adapter(n)]
+        if names:
+            self.activate(names)
+            yield
+        elif unwrap(self.pm) is not self.pm:
+            with self.pm.disable_adapter():
+                yield
+        else:
+            yield
 
     def merge(self, matrix: str, delta: torch.Tensor) -> None:
         merge_delta(self.pm, matrix, delta)

@@ -15,7 +15,7 @@ import time
 import numpy as np
 import torch
 
-from ..adapters import adapter_parameters, candidate_matrices, layer_of
+from ..adapters import adapter_names, adapter_parameters, candidate_matrices, layer_of, lora_layer
 from ..costs import ClientSpec, Dims, dtype_bytes
 from ..data import Collator
 from ..importance import ImportanceTracker, resource_changes
@@ -38,8 +38,7 @@ class NoClientFits(ValueError):
 def in_process(server: "MainServer") -> dict[str, ClientProxy]:
     """The simulation's transport: every client in this process, sharing the server's replica."""
     return {c.name: LocalClient(c, server.replica, server.data, server.collate, server.cfg, k,
-                                server.method.hetlora_lambda, shares_replica=True,
-                                activate=lambda required, c=c: server.activate(c, required))
+                                server.method.hetlora_lambda, shares_replica=True)
             for k, c in enumerate(server.clients)}
 
 
@@ -59,7 +58,7 @@ class MainServer:
         self.tracker = ImportanceTracker([m.name for m in self.matrices], cfg.beta_max, cfg.delta) \
             if method.iwi else None
         self.aggregator = method.aggregator
-        self.replica = Replica(model, cfg.seed)
+        self.replica = Replica(model, cfg.seed, cfg.top_rank, cfg.alpha)
         self.clock = Clock(self.config, cfg.batch_size, cfg.seq_len, cfg.server_speed)
         self.touched: set[str] = set()  # matrices whose frozen weight has been merged into
         self.global_deltas = {}  # non-merging aggregators: the global model's deltas (matrix -> Stacked)
@@ -74,6 +73,8 @@ class MainServer:
         self.round = self.step_in_round = 0
         self.notes: list[str] = []
         self.lost: dict[str, str] = {}
+        self.server_opts: dict = {}  # adapter -> AdamW over its server-side parameters, kept across rounds
+        self.clients_by_name = {c.name: c for c in clients}
         self.on_lost, self.on_step = on_lost, None
         self.proxies = transport(self)
         self._mark_lost_clients()
@@ -117,15 +118,22 @@ class MainServer:
             if not c.excluded:
                 self.ask(c, "open", self.method.name)
 
-    def activate(self, c: Client, required: bool = True) -> None:
-        """Select client c's adapter (and the shared server adapter) for its forward and backward."""
-        if not required and not self.replica.has_adapter(c.name):
-            return
-        names = [n for n in (c.name, SERVER_ADAPTER if self.method.server.shared else None)
-                 if n is not None and self.replica.has_adapter(n)]
-        if not names:
-            raise RuntimeError(f"client {c.name!r} has no adapter to train")
-        self.replica.activate(names)
+    def serving(self, c: Client):
+        """The adapters of client c's server part: its own copy (per-client variant) or the shared set; c's own
+        adapter stays selected too, so its device-side graph keeps its trainable leaves."""
+        shared = SERVER_ADAPTER if self.method.server.shared else None
+        return self.replica.using([n for n in (c.name, shared) if n is not None])
+
+    def serve_order(self) -> list[Client]:
+        """The present clients in the order the main server serves them this local step: a seeded permutation,
+        rotated by one each local step, the same for every method."""
+        perm = [int(k) for k in np.random.default_rng([self.cfg.seed, 7_777]).permutation(len(self.clients))]
+        shift = self.local_step % len(perm)
+        return [self.clients[k] for k in perm[shift:] + perm[:shift] if self.clients[k].present]
+
+    def shared_matrices(self) -> list[str]:
+        """The matrices that carry the main server's shared adapter set (none for the per-client variant)."""
+        return adapter_names(self.pm, SERVER_ADAPTER) if self.replica.has_adapter(SERVER_ADAPTER) else []
 
     def device_ranks(self, c: Client) -> dict[str, int]:
         """The ranks of the adapters on c's device."""
@@ -144,7 +152,7 @@ class MainServer:
                 provisional = self._plan(uniform=True)
                 for c in self.present:
                     c.split_point = provisional[c.name][0]
-            self.calibrate()
+            self.sim_time += self.clock.step(self.clients, self.method.splits, self.calibrate())  # charged too
         self.configure(initial=True)
 
     def _exclude_clients_that_cannot_hold_the_model(self) -> None:
@@ -159,16 +167,28 @@ class MainServer:
             raise NoClientFits("strict memory: no client can hold the whole model (largest budget "
                                f"{max(c.spec.memory for c in self.clients) / 1e9:.3f} GB)")
 
-    def _plan(self, uniform: bool = False) -> dict[str, tuple[int, dict[str, int]]]:
-        """Split point and ranks per present client, by the method's policies (`uniform`: ignore IWI)."""
+    def _plan_inputs(self, uniform: bool = False) -> PlanInputs:
         present, cfg = self.present, self.cfg
         fixed = None if cfg.split_points is None else [cfg.split_points[self.clients.index(c)] for c in present]
-        x = PlanInputs(self.config, [c.spec for c in present], [c.spec for c in self.clients], self.levels,
-                       cfg.batch_size, cfg.seq_len, self.p, cfg.headroom, cfg.server_speed,
-                       None if uniform or self.tracker is None else self.tracker.importance(), fixed, self.L)
+        return PlanInputs(self.config, [c.spec for c in present], [c.spec for c in self.clients], self.levels,
+                          cfg.batch_size, cfg.seq_len, self.p, cfg.headroom, cfg.server_speed,
+                          None if uniform or self.tracker is None else self.tracker.importance(), fixed, self.L,
+                          cfg.server_adapter_budget)
+
+    def _plan(self, uniform: bool = False) -> dict[str, tuple[int, dict[str, int]]]:
+        """Split point and ranks per present client, by the method's policies (`uniform`: ignore IWI)."""
+        x = self._plan_inputs(uniform)
         splits = self.method.split.choose(x)
         ranks = self.method.ranks.choose(x, splits)
-        return {c.name: (s, r) for c, s, r in zip(present, splits, ranks)}
+        return {c.name: (s, r) for c, s, r in zip(self.present, splits, ranks)}
+
+    def _build_shared_server_adapter(self) -> None:
+        """The main server's one set on every layer some present client's server part contains, at the ranks
+        the method's rank policy gives it from the server's budget."""
+        s = min(c.split_point for c in self.present)
+        server_side = [m for m in self.matrices if m.layer >= s]
+        ranks = self.method.ranks.server(self._plan_inputs(), [c.ranks for c in self.present], server_side)
+        self._replace_adapter(SERVER_ADAPTER, ranks)
 
     def _state_for_trigger(self):
         return {c.name: c.spec.memory for c in self.clients}, {c.name for c in self.present}
@@ -181,7 +201,7 @@ class MainServer:
         self.merges = []
         downloads = {}
         before = {c.name: (c.split_point, dict(c.ranks)) for c in self.clients}
-        if not initial and not self.aggregator.merges:
+        if not initial and self.global_deltas:
             downloads = boundary.fold_bytes(self)
             boundary.fold_global_deltas(self)  # persistent adapters: merge what they learned before rebuilding
         new = self._plan()
@@ -194,9 +214,7 @@ class MainServer:
             if changed:
                 self._build_adapter(c)
         if self.method.server.shared:
-            s = min(c.split_point for c in self.present)
-            r = next(iter(new.values()))[1]
-            self._replace_adapter(SERVER_ADAPTER, {n: rk for n, rk in r.items() if layer_of(n) >= s})
+            self._build_shared_server_adapter()
         budgets, present = self._state_for_trigger()
         if self.tracker is not None:
             self.tracker.configured(budgets, present)
@@ -218,8 +236,34 @@ class MainServer:
         self._replace_adapter(c.name, self.method.server.client_ranks(c.ranks, c.split_point))
 
     def _replace_adapter(self, name: str, ranks: dict[str, int]) -> None:
+        self.server_opts.pop(name, None)
         if self.replica.replace_adapter(name, ranks, self.generation):
             self.last_reset[name] = self.generation
+
+    # ---- the server's optimizers: kept across rounds, forgotten where adapters restart -----------------
+
+    def server_optimizer(self, c: Client):
+        """AdamW over the server-side adapters client c trains: the shared set's, or its own copy's."""
+        key = SERVER_ADAPTER if self.method.server.shared else c.name
+        if key not in self.server_opts:
+            self.server_opts[key] = self._new_server_optimizer(key)
+        return self.server_opts[key]
+
+    def _new_server_optimizer(self, key: str):
+        if not self.replica.has_adapter(key):
+            return None
+        layers = None if key == SERVER_ADAPTER else range(self.clients_by_name[key].split_point, self.L)
+        params = adapter_parameters(self.pm, key, layers)
+        return torch.optim.AdamW(params, lr=self.cfg.lr) if params else None
+
+    def forget(self, adapter: str, matrix: str) -> None:
+        """Adapter `adapter` restarted on `matrix`: its server-side optimizer state there starts afresh."""
+        opt = self.server_opts.get(adapter)
+        if opt is not None and layer_of(matrix) in (range(self.L) if adapter == SERVER_ADAPTER
+                                                    else range(self.clients_by_name[adapter].split_point, self.L)):
+            layer = lora_layer(self.pm, matrix, adapter)
+            for p in (layer.lora_A[adapter].weight, layer.lora_B[adapter].weight):
+                opt.state.pop(p, None)
 
     # ---- round boundary: events and reconfiguration ------------------------------------------------
 
@@ -283,13 +327,11 @@ class MainServer:
         for c in self.present:
             self.ask(c, "begin_round", r)
         self.pm.train()
-        opts = self._server_optimizers()
         for _ in range(self.cfg.local_steps):
             if self.tracker is not None and self.local_step > 0 and self.local_step % self.cfg.iwi_interval == 0:
-                self.calibrate()
+                sim += self.clock.step(self.clients, self.method.splits, self.calibrate())
                 self.pm.train()
-                sim += self.clock.step(self.clients, self.method.splits, {})  # a calibration costs about one step
-            sim += self.clock.step(self.clients, self.method.splits, self._local_step(opts, ledger, losses))
+            sim += self.clock.step(self.clients, self.method.splits, self._local_step(ledger, losses))
             self.local_step += 1
         for name, kinds in self.calibration_ledger.bytes.items():
             for kind, v in kinds.items():
@@ -302,23 +344,10 @@ class MainServer:
         notes, self.notes = self.notes, []
         return {"round": r, "train_loss": float(np.mean(losses)), "bytes": ledger.bytes, "reasons": notes}
 
-    def _server_optimizers(self) -> dict:
-        """Fresh AdamW per round over the server-side adapters each present client trains."""
-        shared = None
-        if self.method.server.shared and self.replica.has_adapter(SERVER_ADAPTER):
-            shared = torch.optim.AdamW(adapter_parameters(self.pm, SERVER_ADAPTER), lr=self.cfg.lr)
-        opts = {}
-        for c in self.present:
-            if self.method.server.shared or not self.replica.has_adapter(c.name):
-                opts[c.name] = shared
-                continue
-            params = adapter_parameters(self.pm, c.name, range(c.split_point, self.L))
-            opts[c.name] = torch.optim.AdamW(params, lr=self.cfg.lr) if params else None
-        return opts
-
-    def _local_step(self, opts, ledger: Ledger, losses: list) -> dict[str, int]:
-        """One local step of every present client, served in index order; returns the bytes each moved."""
-        present = list(self.present)
+    def _local_step(self, ledger: Ledger, losses: list) -> dict[str, int]:
+        """One local step of every present client, served in `serve_order`; returns the bytes each moved. The
+        server's optimizer steps after each client's batch (one shared set: once per client)."""
+        present = self.serve_order()
         self.step_in_round += 1
         if self.on_step is not None:
             self.on_step(self.round, self.step_in_round)
@@ -336,8 +365,9 @@ class MainServer:
             if up is None:
                 continue
             smashed, mask, labels = (t.to(self.device) for t in up)
-            self.activate(c)
-            loss, grad = server_update(ServerPart(self.pm, c.split_point), smashed, mask, labels, opts[c.name])
+            with self.serving(c):
+                loss, grad = server_update(ServerPart(self.pm, c.split_point), smashed, mask, labels,
+                                           self.server_optimizer(c))
             self.ask(c, "backward", grad)
             losses.append(loss.item())
             b = {"smashed_up": nbytes(smashed, mask, labels), "grad_down": nbytes(grad)}
