@@ -231,7 +231,7 @@ def _load_finished(out: Path):
         except (FileNotFoundError, pd.errors.EmptyDataError):
             return []
         if "reasons" in df:  # an empty string reads back as NaN
-            df["reasons"] = df["reasons"].fillna("")
+            df["reasons"] = df["reasons"].astype(object).where(df["reasons"].notna(), "")
         return df.to_dict("records")
     return read("results.csv"), read("clients.csv"), read("metrics.csv")
 

@@ -7,7 +7,7 @@ import contextlib
 
 import torch
 
-from ..adapters import adapter_names, adapter_parameters, base_weight, layer_of, merge_delta, read_adapter, write_adapter
+from ..adapters import adapter_parameters, base_weight, layer_of, merge_delta, read_adapter, write_adapter
 from ..aggregation import Stacked
 from ..metrics import perplexity
 from .clients import Client
