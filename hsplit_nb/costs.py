@@ -186,6 +186,46 @@ def step_latency(config, split_points, speeds, bandwidths, server_speed: float, 
 
 
 
+# ---- a round --------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RoundCosts:
+    """What a round costs besides its local steps: the steps' count and the calibrations due in it. ARMSC
+    minimises local_steps x T(s) + calibrations x T(s) + the slowest client's aggregation traffic / b_k."""
+    local_steps: int
+    calibrations: float = 0.0
+    server_rank: int = 16  # the rank of the server's shared copy where it joins an aggregation
+
+
+def aggregation_bytes(matrices, device_ranks: list[dict[str, int]], splits: list[int], server_rank: int) -> list[int]:
+    """Per client, the adapter bytes of one aggregation (fp32 factors): its device-side factors up, and for every
+    layer it hosts B_cat and A_cat of all holders (the clients hosting it, and the server's copy where some
+    client's server part contains it, at `server_rank`) down."""
+    out = []
+    for k, s in enumerate(splits):
+        up = sum(device_ranks[k].get(m.name, 0) * m.rank1_cost for m in matrices if m.layer < s)
+        down = 0
+        for m in matrices:
+            if m.layer >= s:
+                continue
+            total = sum(r.get(m.name, 0) for r, sj in zip(device_ranks, splits) if m.layer < sj)
+            if total and any(m.layer >= sj for sj in splits):
+                total += server_rank
+            down += total * m.rank1_cost
+        out.append(4 * (up + down))
+    return out
+
+
+def round_seconds(config, clients, splits, device_ranks, speeds, server_speed, batch_size, seq_len, p,
+                  costs: RoundCosts, matrices=None) -> float:
+    """The time of one round as the clock charges it: (local steps + calibrations) x the step latency T(s), plus
+    the slowest client's aggregation traffic over its bandwidth."""
+    step = step_latency(config, splits, speeds, [c.bandwidth for c in clients], server_speed, batch_size, seq_len,
+                        p)["step"]
+    traffic = aggregation_bytes(matrices or candidate_matrices(config), device_ranks, splits, costs.server_rank)
+    return (costs.local_steps + costs.calibrations) * step + max(b / c.bandwidth for b, c in zip(traffic, clients))
+
+
 # ---- resources ----------------------------------------------------------------------------------
 
 @dataclass

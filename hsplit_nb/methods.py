@@ -31,6 +31,7 @@ class PlanInputs:
     fixed_splits: list | None    # fixed split point per present client (config `split_points`), or None
     n_blocks: int
     server_adapter_budget: float | None = None  # bytes for the main server's shared adapter set (None: top rank)
+    round_costs: object = None   # planner.RoundCosts: ARMSC minimises a round's time (None: one step's)
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,7 @@ def _armsc_splits(x: PlanInputs) -> list[int]:
     if x.fixed_splits is not None:
         return list(x.fixed_splits)
     return planner.armsc_splits(x.config, x.specs, x.importance, x.batch_size, x.seq_len, x.levels, x.dtype_bytes,
-                                x.headroom, x.server_speed)
+                                x.headroom, x.server_speed, x.round_costs)
 
 
 def _armsc_ranks(x: PlanInputs, splits) -> list[dict[str, int]]:

@@ -16,7 +16,7 @@ import torch
 from .adapters import Matrix, candidate_matrices, layer_of  # noqa: F401  (layer_of re-exported)
 from .architectures import num_blocks
 from .costs import (  # noqa: F401  (re-exported: the cost models used to live here)
-    ADAPTER_COPIES_BYTES, DEFAULT_BANDWIDTH, FLOPS_PER_BUDGET_BYTE, ClientSpec, Dims, ClientMemory, activation_bytes,
+    RoundCosts, aggregation_bytes, round_seconds, ADAPTER_COPIES_BYTES, DEFAULT_BANDWIDTH, FLOPS_PER_BUDGET_BYTE, ClientSpec, Dims, ClientMemory, activation_bytes,
     adapter_bytes, block_flops, client_memory, default_server_speed, dtype_bytes, head_flops, measure_client_memory,
     smashed_bytes, step_latency, weight_bytes,
 )
@@ -164,6 +164,38 @@ def _search_splits(config, clients, feasible, speeds, server_speed, batch_size, 
     return best[1]
 
 
+def _device_ranks(config, dims, client: ClientSpec, s: int, matrices, importance, levels, batch_size, seq_len, p,
+                  headroom) -> tuple[dict[str, int], int]:
+    """ARMSC's greedy device-side ranks of one client at split s, and its predicted memory."""
+    mem = ClientMemory(config, dims, s, batch_size, seq_len, p)
+    room = (1 - headroom) * client.memory - mem.total()
+    ranks = _greedy([m for m in matrices if m.layer < s], importance, levels, room, mem.extra, mem.apply)
+    return ranks, mem.total()
+
+
+def _search_round(config, clients, feasible, speeds, server_speed, batch_size, seq_len, p, costs: RoundCosts,
+                  ranks_at) -> list[int]:
+    """The split vectors of the step-time sweep (`_search_splits`), judged by the time of a whole round; ties go
+    to the deeper splits. `ranks_at(k, s)` gives client k's device ranks at split s (cached by the caller)."""
+    dims = Dims.of(config)
+    fb = block_flops(dims, batch_size, seq_len)
+    transfer = 2 * smashed_bytes(config, batch_size, seq_len, p)
+    matrices = candidate_matrices(config)
+    best, seen = None, set()
+    for T in sorted({s * fb / speeds[k] + transfer / clients[k].bandwidth
+                     for k in range(len(clients)) for s in feasible[k]}):
+        splits = tuple(max([s for s in feasible[k] if s * fb / speeds[k] + transfer / clients[k].bandwidth
+                            <= T * (1 + 1e-12)], default=feasible[k][0]) for k in range(len(clients)))
+        if splits in seen:
+            continue
+        seen.add(splits)
+        t = round_seconds(config, clients, list(splits), [ranks_at(k, s) for k, s in enumerate(splits)], speeds,
+                          server_speed, batch_size, seq_len, p, costs, matrices)
+        if best is None or t <= best[0] * (1 + 1e-12):
+            best = (t, list(splits))
+    return best[1]
+
+
 def _check_fixed(clients, fixed_split_points, feasible) -> list[int]:
     if len(fixed_split_points) != len(clients):
         raise ValueError(f"fixed_split_points needs one split per client ({len(clients)}), "
@@ -177,16 +209,29 @@ def _check_fixed(clients, fixed_split_points, feasible) -> list[int]:
 
 def armsc_splits(config, clients: list[ClientSpec], importance: dict[str, float] | None = None, batch_size: int = 8,
                  seq_len: int = 64, rank_levels=DEFAULT_RANK_LEVELS, dtype=torch.float32, headroom: float = 0.1,
-                 server_speed: float | None = None) -> list[int]:
-    """ARMSC's split points alone: the lowest step latency under every client's memory (see `plan`)."""
+                 server_speed: float | None = None, round_costs: RoundCosts | None = None) -> list[int]:
+    """ARMSC's split points alone under every client's memory: the lowest time of a round when `round_costs`
+    is given (local steps, calibrations and aggregation traffic, as the clock charges them), else the lowest
+    step latency (see `plan`)."""
     config = getattr(config, "config", config)
     p, levels = dtype_bytes(dtype), _check_inputs(clients, rank_levels, headroom)
     matrices = candidate_matrices(config)
     importance = _importance(matrices, importance)
     feasible = _feasible(config, clients, matrices, importance, batch_size, seq_len, levels[1], p, headroom)
     speeds = [c.flops for c in clients]
-    return _search_splits(config, clients, feasible, speeds, server_speed or default_server_speed(speeds),
-                          batch_size, seq_len, p)
+    server_speed = server_speed or default_server_speed(speeds)
+    if round_costs is None:
+        return _search_splits(config, clients, feasible, speeds, server_speed, batch_size, seq_len, p)
+    dims, cache = Dims.of(config), {}
+
+    def ranks_at(k: int, s: int) -> dict[str, int]:
+        if (k, s) not in cache:
+            cache[k, s] = _device_ranks(config, dims, clients[k], s, matrices, importance, levels, batch_size,
+                                        seq_len, p, headroom)[0]
+        return cache[k, s]
+
+    return _search_round(config, clients, feasible, speeds, server_speed, batch_size, seq_len, p, round_costs,
+                         ranks_at)
 
 
 def _server_ranks(server_side: list[Matrix], importance, levels, budget: float) -> dict[str, int]:
@@ -225,11 +270,10 @@ def plan(config, clients: list[ClientSpec], importance: dict[str, float] | None 
     # ranks: device side under each client's memory; server side under a per-client adapter budget
     plans_device, memories = [], []
     for c, s in zip(clients, splits):
-        mem = ClientMemory(config, dims, s, batch_size, seq_len, p)
-        room = (1 - headroom) * c.memory - mem.total()
-        plans_device.append(_greedy([m for m in matrices if m.layer < s], importance, levels, room, mem.extra,
-                                    mem.apply))
-        memories.append(mem.total())
+        ranks, memory = _device_ranks(config, dims, c, s, matrices, importance, levels, batch_size, seq_len, p,
+                                      headroom)
+        plans_device.append(ranks)
+        memories.append(memory)
     if server_adapter_budget is None:
         richest_k = max(range(len(clients)), key=lambda k: clients[k].memory)
         server_adapter_budget = adapter_bytes(config, plans_device[richest_k])

@@ -16,9 +16,10 @@ from hsplit_nb.federation import BYTE_KINDS
 
 BASE = preset_fields("quick", num_clients=2, budgets=[4_500_000, 11_500_000], eval_mrs=3, num_beams=1,
                      max_new_tokens=8, final_metrics=False)
-# c0's budget shrinks at round 2: ARMSC moves c1's split deeper (it takes more of the shared latency), so c1
-# must receive the merged weights of the blocks it newly hosts
-GROWTH = [{"type": "budget", "client": "c0", "round": 2, "memory": 3_500_000}]
+# c0's budget grows at round 2: under ARMSC's round time (a server of 2e10 FLOP/s, links of 1e10 B/s) c1's
+# split moves deeper, so c1 must receive the merged weights of the blocks it newly hosts
+GROWTH = [{"type": "budget", "client": "c0", "round": 2, "memory": 4_500_000}]
+GROWTH_SETTING = {"budgets": [3_500_000, 11_500_000], "server_speed": 2e10, "bandwidth": 1e10}
 COLUMNS = ["val_ppl", "train_loss", "sim_time_s", "bytes_up", "bytes_down", "split_c0", "split_c1", "rank_c0",
            "rank_c1", "present"]
 TIMEOUTS = dict(step_timeout=60, idle_timeout=120, init_timeout=60, progress=False, timeout=600)
@@ -41,7 +42,7 @@ def assert_rows_equal(sim: pd.DataFrame, real: pd.DataFrame, rounds=None):
 
 @pytest.fixture(scope="module")
 def growth_run(tmp_path_factory):
-    cfg = ExperimentConfig(**BASE, events=GROWTH, methods=["hsplitlora"])
+    cfg = ExperimentConfig(**{**BASE, **GROWTH_SETTING}, events=GROWTH, methods=["hsplitlora"])
     out = tmp_path_factory.mktemp("dist") / "run"
     df = launch(cfg, out, dump_clients=True, **TIMEOUTS)
     return cfg, out, df, in_process(cfg, "hsplitlora")

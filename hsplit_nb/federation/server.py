@@ -20,7 +20,7 @@ from ..costs import ClientSpec, Dims, dtype_bytes
 from ..data import Collator
 from ..importance import ImportanceTracker, resource_changes
 from ..methods import Method, PlanInputs
-from ..planner import whole_model_bytes
+from ..planner import RoundCosts, whole_model_bytes
 from ..split import ServerPart, nbytes, num_blocks, server_update, unwrap
 from . import boundary, calibration, checkpoint
 from .clients import Client
@@ -173,7 +173,14 @@ class MainServer:
         return PlanInputs(self.config, [c.spec for c in present], [c.spec for c in self.clients], self.levels,
                           cfg.batch_size, cfg.seq_len, self.p, cfg.headroom, cfg.server_speed,
                           None if uniform or self.tracker is None else self.tracker.importance(), fixed, self.L,
-                          cfg.server_adapter_budget)
+                          cfg.server_adapter_budget, self._round_costs())
+
+    def _round_costs(self) -> RoundCosts:
+        """What ARMSC charges a round, as the clock does: local steps, the calibrations due, and aggregation traffic
+        with the server's shared copy at its rank (the top level unless a server budget is set)."""
+        calibrations = self.cfg.local_steps / self.cfg.iwi_interval if self.tracker is not None else 0.0
+        return RoundCosts(self.cfg.local_steps, calibrations,
+                          self.cfg.top_rank if self.method.server.shared else 0)
 
     def _plan(self, uniform: bool = False) -> dict[str, tuple[int, dict[str, int]]]:
         """Split point and ranks per present client, by the method's policies (`uniform`: ignore IWI)."""
