@@ -24,10 +24,10 @@ def _holders(server, m) -> list[Client]:
             and not (shared and not c.hosts(m.layer))]
 
 
-def _server_copy_weight(server, m) -> float | None:
+def _server_copy_weight(server, m, shared: set[str]) -> float | None:
     """The shared server copy's NAA weight on m: the data of the present clients whose server part contained
-    m's layer this round (None: the server holds no shared copy of m)."""
-    if not (server.method.server.shared and m.name in server.shared_matrices()):
+    m's layer this round (None: the server holds no shared copy of m; `shared`: the matrices it covers)."""
+    if m.name not in shared:
         return None
     return sum(len(c.indices) for c in server.present if not c.hosts(m.layer))
 
@@ -42,13 +42,13 @@ def _collect_uploads(server) -> None:
             server.replica.write_factors(c.name, factors)
 
 
-def _aggregate_matrix(server, m, ledger: Ledger) -> None:
+def _aggregate_matrix(server, m, ledger: Ledger, shared: set[str]) -> None:
     """Aggregate one matrix over its holders: the clients' adapters and, on an overlap layer, the server's
     shared copy (one more holder, weighted by the data it served). Server-only layers are left to learn on."""
     agg, holders = server.aggregator, _holders(server, m)
     if not holders:
         return
-    served = _server_copy_weight(server, m)
+    served = _server_copy_weight(server, m, shared)
     names = [c.name for c in holders] + ([SERVER_ADAPTER] if served is not None else [])
     factors = [read_adapter(server.pm, m.name, a) for a in names]
     # absent clients have weight 0: they add nothing, but get what they would have received
@@ -89,8 +89,9 @@ def aggregate(server, ledger: Ledger) -> float:
     _collect_uploads(server)
     server.merges = []
     server.generation += 1
+    shared = set(server.shared_matrices())
     for m in server.matrices:
-        _aggregate_matrix(server, m, ledger)
+        _aggregate_matrix(server, m, ledger, shared)
     for n in server.shared_matrices():  # server-only layers: the global model carries the shared set's delta
         if not any(c.hosts(layer_of(n)) for c in server.clients if server.replica.has_adapter(c.name)
                    and c.ranks.get(n, 0) > 0):
