@@ -47,6 +47,9 @@ def _aggregate_matrix(server, m, ledger: Ledger, shared: set[str]) -> None:
     shared copy (one more holder, weighted by the data it served). Server-only layers are left to learn on."""
     agg, holders = server.aggregator, _holders(server, m)
     if not holders:
+        if m.name in shared:  # a server-only layer: the global model carries the shared set's delta
+            f = read_adapter(server.pm, m.name, SERVER_ADAPTER)
+            server.global_deltas[m.name] = Stacked(f.scale * f.B, f.A)
         return
     served = _server_copy_weight(server, m, shared)
     names = [c.name for c in holders] + ([SERVER_ADAPTER] if served is not None else [])
@@ -92,11 +95,6 @@ def aggregate(server, ledger: Ledger) -> float:
     shared = set(server.shared_matrices())
     for m in server.matrices:
         _aggregate_matrix(server, m, ledger, shared)
-    for n in server.shared_matrices():  # server-only layers: the global model carries the shared set's delta
-        if not any(c.hosts(layer_of(n)) for c in server.clients if server.replica.has_adapter(c.name)
-                   and c.ranks.get(n, 0) > 0):
-            f = read_adapter(server.pm, n, SERVER_ADAPTER)
-            server.global_deltas[n] = Stacked(f.scale * f.B, f.A)
     present = server.present
     seconds = Clock.transfer(present, {c.name: ledger.adapter_bytes(c.name) for c in present})
     for c in present:

@@ -1,11 +1,11 @@
 """The main server: plans every client's split and ranks, runs the server-side stages, aggregates, keeps
 the clock and the byte ledger, evaluates and checkpoints. It talks to clients only through `ClientProxy`.
 
-In the simulation one frozen base model is shared by the server and every in-process client (each client
-has its own named peft adapter, `c0`, `c1`, ..., covering its device-side and, held by the server for it,
-its server-side matrices). Clients run one after another within a local step; with per-client server-side
-adapters they are independent between aggregations, so this is exactly the parallel (SFL) schedule, and
-the clock charges parallel time.
+In the simulation one frozen base model is shared by the server and every in-process client: each client
+has its own named peft adapter (`c0`, `c1`, ...) on its device side, and the server one shared set (`server`)
+on the layers past the shallowest split, updated after each client's batch in `serve_order`. (The per-client
+variant puts each client's server-side copy inside its own adapter instead.) Device sides are independent
+between aggregations, so the clock charges them parallel time and the server its summed time.
 """
 from __future__ import annotations
 
@@ -26,8 +26,8 @@ from . import boundary, calibration, checkpoint
 from .clients import Client
 from .ledger import Clock, Ledger
 from .messages import Configure
-from .proxy import ClientProxy, LocalClient
 from .boundary import SERVER_ADAPTER
+from .proxy import ClientProxy, LocalClient
 from .replica import Replica
 
 
@@ -177,7 +177,8 @@ class MainServer:
 
     def _round_costs(self) -> RoundCosts:
         """What ARMSC charges a round, as the clock does: local steps, the calibrations due, and aggregation traffic
-        with the server's shared copy at its rank (the top level unless a server budget is set)."""
+        with the server's shared copy counted at the top rank level (an approximation when a smaller
+        `server_adapter_budget` lowers its ranks; see docs/method.md)."""
         calibrations = self.cfg.local_steps / self.cfg.iwi_interval if self.tracker is not None else 0.0
         return RoundCosts(self.cfg.local_steps, calibrations,
                           self.cfg.top_rank if self.method.server.shared else 0)
