@@ -4,6 +4,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
+import traceback
+from pathlib import Path
 
 
 def _ranks(text: str) -> dict[str, int]:
@@ -13,22 +16,46 @@ def _ranks(text: str) -> dict[str, int]:
         raise argparse.ArgumentTypeError(f"ranks must look like q=8,v=8, got {text!r}") from None
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not allowed; a positive integer")
+    return value
+
+
+def _data_arg(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("'' is not allowed; 'builtin' or a folder with devset.csv and "
+                                         "testset_w_refs.csv")
+    return text
+
+
+# every command takes --debug: show the traceback instead of one line per error
+_COMMON = argparse.ArgumentParser(add_help=False)
+_COMMON.add_argument("--debug", action="store_true", help="on an error, show the full traceback")
+
+
 def _add_reproduce(sub) -> None:
-    rep = sub.add_parser("reproduce", help="execute every notebook (full mode) into results/notebooks")
+    rep = sub.add_parser("reproduce", parents=[_COMMON],
+                         help="execute every notebook (full mode) into results/notebooks")
     rep.add_argument("--quick", action="store_true", help="quick mode (tiny model), as CI runs them")
     rep.add_argument("--only", nargs="+", help="notebooks to run, e.g. 01 03_armsc")
     rep.add_argument("--out", default="results/notebooks")
 
 
 def _add_quickstart(sub) -> None:
-    qs = sub.add_parser("quickstart", help="split LoRA fine-tune of SmolLM2-135M on the built-in data")
+    qs = sub.add_parser("quickstart", parents=[_COMMON],
+                        help="split LoRA fine-tune of SmolLM2-135M on the built-in data")
     qs.add_argument("--model", default="smollm2-135m", help="smollm2-135m, tiny-llama, tiny-gpt2, a HF id or a dir")
-    qs.add_argument("--split-point", type=int, default=6)
+    qs.add_argument("--split-point", type=_positive_int, default=6)
     qs.add_argument("--ranks", type=_ranks, default=None,
                     help="ranks per matrix kind or name, e.g. q=8,v=8 (default: rank 8 on q and v)")
-    qs.add_argument("--steps", type=int, default=40)
-    qs.add_argument("--batch-size", type=int, default=8)
-    qs.add_argument("--seq-len", type=int, default=64)
+    qs.add_argument("--steps", type=_positive_int, default=40)
+    qs.add_argument("--batch-size", type=_positive_int, default=8)
+    qs.add_argument("--seq-len", type=_positive_int, default=64)
     qs.add_argument("--lr", type=float, default=1e-3)
     qs.add_argument("--device", default="cpu")
     qs.add_argument("--seed", type=int, default=0)
@@ -36,9 +63,9 @@ def _add_quickstart(sub) -> None:
 
 
 def _add_experiment(sub, name: str, help_text: str, out: str):
-    p = sub.add_parser(name, help=help_text)
+    p = sub.add_parser(name, parents=[_COMMON], help=help_text)
     p.add_argument("--config", required=True, help="ExperimentConfig as .json or .yaml")
-    p.add_argument("--data", help="'builtin' or a folder with devset.csv and testset_w_refs.csv (overrides the config)")
+    p.add_argument("--data", type=_data_arg, help="'builtin' or a folder with devset.csv and testset_w_refs.csv (overrides the config)")
     p.add_argument("--methods", nargs="+", help="methods to run (overrides the config)")
     p.add_argument("--out", default=out, help="output folder (resumes if it holds a stopped run)")
     return p
@@ -64,10 +91,11 @@ def _parser() -> argparse.ArgumentParser:
     _add_quickstart(sub)
     _add_experiment(sub, "run", "run an experiment from a JSON or YAML config", "results/experiment")
     _add_distributed(sub)
-    paper = sub.add_parser("plan-paper", help="ARMSC plans for LLaMA-2-7B and GPT-2-L at 5-20 GB (no weights)")
-    paper.add_argument("--batch-size", type=int, default=8)
-    paper.add_argument("--seq-len", type=int, default=128)
-    data = sub.add_parser("make-data", help="regenerate the built-in data under data/builtin")
+    paper = sub.add_parser("plan-paper", parents=[_COMMON],
+                           help="ARMSC plans for LLaMA-2-7B and GPT-2-L at 5-20 GB (no weights)")
+    paper.add_argument("--batch-size", type=_positive_int, default=8)
+    paper.add_argument("--seq-len", type=_positive_int, default=128)
+    data = sub.add_parser("make-data", parents=[_COMMON], help="regenerate the built-in data under data/builtin")
     data.add_argument("--seed", type=int, default=0)
     return parser
 
@@ -76,7 +104,7 @@ def _config(args):
     from .config import ExperimentConfig
 
     cfg = ExperimentConfig.load(args.config)
-    return cfg.replace(data=args.data) if args.data else cfg
+    return cfg.replace(data=args.data) if args.data is not None else cfg
 
 
 def _make_data(args) -> int:
@@ -117,7 +145,7 @@ def _distributed(args) -> int:
 
 
 def _plan_paper(args) -> int:
-    from .planner import paper_scale_plans
+    from .paper import paper_scale_plans
 
     for name, p in paper_scale_plans(args.batch_size, args.seq_len).items():
         print(f"### {name} (batch {args.batch_size} x {args.seq_len} tokens, fp16 weights; "
@@ -149,9 +177,34 @@ COMMANDS = {"make-data": _make_data, "run": _run, "distributed": _distributed, "
             "reproduce": _reproduce, "quickstart": _quickstart}
 
 
+def _error_log(args, exc: BaseException) -> Path | None:
+    """Write the traceback beside the results (or in the temp folder); None if nowhere is writable."""
+    out = Path(getattr(args, "out", "") or tempfile.gettempdir())
+    log = (out if out.is_dir() else Path(tempfile.gettempdir())) / "hsplit_nb-error.log"
+    try:
+        log.write_text("".join(traceback.format_exception(exc)))
+    except OSError:
+        return None
+    return log
+
+
 def main(argv=None) -> int:
+    """Run a command. An error prints one line (`error: ...`, with the traceback's log file) and exits 1;
+    --debug shows the traceback instead."""
     args = _parser().parse_args(argv)
-    return COMMANDS[args.command](args)
+    if args.debug:
+        return COMMANDS[args.command](args)
+    try:
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print("interrupted; start the same command again to resume", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001  (the whole point: one line for any error)
+        log = _error_log(args, exc)
+        text = " | ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
+        where = f" [traceback: {log}; --debug shows it]" if log is not None else ""
+        print(f"error: {text}{where}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ send factors back.
 """
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -37,12 +39,38 @@ class Aggregate:
     global_delta: Stacked | None = None  # the global model's delta when nothing is merged (for evaluation)
 
 
+class HolderError(ValueError):
+    """One holder's adapter or weight cannot be aggregated; `index` says which (the federation names it)."""
+
+    def __init__(self, index: int | None, problem: str):
+        super().__init__(problem if index is None else f"holder {index}: {problem}")
+        self.index, self.problem = index, problem
+
+
+def _check_holder(k: int, f, shape: tuple | None) -> tuple:
+    if not all(hasattr(f, a) for a in ("A", "B", "scale")):
+        raise HolderError(k, f"expected LoraFactors (A, B, scale) or None, got {type(f).__name__}")
+    if f.A.dim() != 2 or f.B.dim() != 2 or f.A.shape[0] != f.B.shape[1]:
+        raise HolderError(k, f"A {tuple(f.A.shape)} and B {tuple(f.B.shape)} are not r x d_in and d_out x r")
+    here = (f.B.shape[0], f.A.shape[1])
+    if shape is not None and here != shape:
+        raise HolderError(k, f"d_out x d_in is {here[0]} x {here[1]}, the other holders' {shape[0]} x {shape[1]}")
+    if not (math.isfinite(f.scale) and torch.isfinite(f.A).all() and torch.isfinite(f.B).all()):
+        raise HolderError(k, "its factors or scale are not finite (a diverged client?)")
+    return here
+
+
 def _present(adapters, weights):
+    """The holders that count (present, rank > 0, weight > 0) and their normalised weights, after checking
+    every input: one weight per adapter, finite and non-negative; factors of matching shapes, finite."""
     if len(adapters) != len(weights):
-        raise ValueError(f"got {len(adapters)} adapters but {len(weights)} weights")
-    for w in weights:
-        if not (isinstance(w, (int, float)) and w >= 0):
-            raise ValueError(f"aggregation weights must be non-negative numbers (data sizes), got {w!r}")
+        raise HolderError(None, f"got {len(adapters)} adapters but {len(weights)} weights")
+    shape = None
+    for k, (f, w) in enumerate(zip(adapters, weights)):
+        if isinstance(w, bool) or not isinstance(w, numbers.Real) or not (math.isfinite(w) and w >= 0):
+            raise HolderError(k, f"weight {w!r} is not allowed; weights are finite non-negative numbers (data sizes)")
+        if f is not None:
+            shape = _check_holder(k, f, shape)
     idx = [k for k, (f, w) in enumerate(zip(adapters, weights)) if f is not None and f.rank > 0 and w > 0]
     total = sum(weights[k] for k in idx)
     return idx, {k: weights[k] / total for k in idx}
@@ -163,8 +191,16 @@ class Aggregator:
     combine: Callable[..., Aggregate]
     merges: bool  # True: fold the aggregate into every copy of the frozen weight, then restart (NAA, FLoRA)
 
-    def __call__(self, adapters, weights) -> Aggregate:
-        return self.combine(adapters, weights)
+    def __call__(self, adapters, weights, holders=None, matrix: str | None = None) -> Aggregate:
+        """Combine one matrix's adapters; an input error names the matrix and the holder (by `holders`)."""
+        try:
+            return self.combine(adapters, weights)
+        except HolderError as exc:
+            who = holders[exc.index] if holders is not None and exc.index is not None else \
+                (f"holder {exc.index}" if exc.index is not None else "the inputs")
+            err = HolderError(None, f"{self.name} on {matrix or 'a matrix'}, {who}: {exc.problem}")
+            err.index = exc.index
+            raise err from None
 
     def communication(self, ranks: list[int], d_in: int, d_out: int, on_device: list[bool],
                       bytes_per_value: int = 4) -> list[dict[str, int]]:

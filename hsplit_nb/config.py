@@ -1,84 +1,187 @@
 """One settings source: the experiment config, its defaults beside it, its validation and its units.
 
-Everything a run needs, the federation's settings included (HetLoRA's gamma too), round-trips through
-JSON and YAML. Budgets are converted to bytes once (`budget_bytes`); the presets in configs/ are files of
-this config that notebooks, tests and benchmarks load with overrides (`preset`).
+A typed config (pydantic): every field's type and range is declared beside its default, and an error names
+the field, the value and what is allowed. Everything a run needs round-trips through JSON and YAML (YAML
+1.2 numbers, duplicate keys refused). Budgets are converted to bytes once (`budget_bytes`); the presets in
+configs/ are files of this config that notebooks, tests and benchmarks load with overrides (`preset`).
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
-import math
-from dataclasses import dataclass, field
+import numbers
 from pathlib import Path
+from typing import Annotated, Literal, Union
 
 import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .costs import DEFAULT_BANDWIDTH, weight_bytes
 from .data import E2E_ATTRIBUTES
-from .io import atomic_write_text
+from .io import atomic_write_text, read_mapping
 from .methods import ABLATIONS, METHODS, PAPER_METHODS
 from .planner import DEFAULT_RANK_LEVELS
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 # the paper's 5-20 GB budgets as fractions of LLaMA-2-7B's fp16 weight bytes (13.48 GB), evenly spaced
 PAPER_BUDGET_FRACTIONS = [round(gb / 13.48, 4) for gb in (5.0, 8.75, 12.5, 16.25, 20.0)]
-_POSITIVE_INTS = ("num_clients", "rounds", "local_steps", "batch_size", "seq_len", "iwi_interval", "val_examples",
-                  "eval_mrs", "num_beams", "max_new_tokens")
+MAX_L1_SHIFT = 2.0  # the IWI trigger compares an L1 distance of two distributions: never above 2
 
 
-@dataclass
-class ExperimentConfig:
-    """Everything an experiment needs; round-trips through JSON and YAML."""
-    model: str = "smollm2-135m"
-    data: str = "builtin"  # "builtin", or a folder with E2E's devset.csv and testset_w_refs.csv
-    num_clients: int = 5
-    budgets: list = field(default_factory=lambda: list(PAPER_BUDGET_FRACTIONS))
-    budget_unit: str = "weights"  # "weights": fractions of the model's weight bytes; "bytes"
-    speeds: list | None = None  # FLOP/s per client; default proportional to budget
-    bandwidth: float = DEFAULT_BANDWIDTH
-    server_speed: float | None = None
-    partition: str = "iid"
-    dirichlet_alpha: float = 0.5
-    partition_attribute: str = "eatType"
-    rounds: int = 5
-    local_steps: int = 5
-    batch_size: int = 8
-    seq_len: int = 64
-    lr: float = 1e-3
-    ft_lr: float = 5e-5
-    rank_levels: list = field(default_factory=lambda: list(DEFAULT_RANK_LEVELS))
-    server_adapter_budget: float | None = None  # bytes for the main server's shared adapters (null: top rank)
-    lora_alpha: float | None = None  # scale = alpha / r, alpha fixed across ranks (null: 2 x the top rank level)
-    headroom: float = 0.1
-    split_points: list | None = None  # fixed split point per client for ARMSC methods (null: ARMSC chooses)
-    iwi_interval: int = 5
-    beta_max: float = 0.9
-    delta: float = 0.1
-    gamma: float = 0.9  # HetLoRA's regulariser keeps the first ceil(gamma r) rank components free
-    seed: int = 0
-    val_fraction: float = 0.1  # E2E folder: share of the development MRs held out for validation PPL
-    val_examples: int = 128
-    eval_mrs: int = 20
-    num_beams: int = 4
-    max_new_tokens: int = 60
-    final_metrics: bool = True
-    events: list = field(default_factory=list)
-    methods: list = field(default_factory=lambda: PAPER_METHODS + ABLATIONS)
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the field, the value and what is allowed."""
+
+
+def _number(v):
+    """Numbers only: a bool is not a number, and numpy scalars become Python ones."""
+    if isinstance(v, bool):
+        raise ValueError("a boolean is not a number")
+    if isinstance(v, numbers.Integral):
+        return int(v)
+    if isinstance(v, numbers.Real):
+        return float(v)
+    return v
+
+
+Int = Annotated[int, BeforeValidator(_number)]
+Float = Annotated[float, BeforeValidator(_number), Field(allow_inf_nan=False)]
+PositiveInt = Annotated[Int, Field(ge=1)]
+NonNegativeInt = Annotated[Int, Field(ge=0)]
+Positive = Annotated[Float, Field(gt=0)]
+Fraction = Annotated[Float, Field(gt=0, lt=1)]
+
+
+def _client_ref(v):
+    v = _number(v) if not isinstance(v, str) else v
+    if isinstance(v, int) and v >= 0 or isinstance(v, str):
+        return v
+    raise ValueError("a client name such as 'c0', or a client index")
+
+
+ClientRef = Annotated[Union[str, int], Field(union_mode="left_to_right"), BeforeValidator(_client_ref)]
+
+
+class DropoutEvent(BaseModel):
+    """A client away for rounds start..end (inclusive)."""
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["dropout"]
+    client: ClientRef
+    start: PositiveInt
+    end: PositiveInt
+
+
+class BudgetEvent(BaseModel):
+    """A client's memory budget changes from a round on (in the config's budget_unit)."""
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["budget"]
+    client: ClientRef
+    round: PositiveInt
+    memory: Positive
+
+
+Event = Annotated[Union[DropoutEvent, BudgetEvent], Field(discriminator="type")]
+
+
+class TypedConfig(BaseModel):
+    """A pydantic model whose errors are one `ConfigError` line per wrong field."""
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    def __init__(self, **fields):
+        try:
+            super().__init__(**fields)
+        except ValidationError as exc:
+            raise ConfigError(describe(exc, type(self))) from None
+
+
+class ExperimentConfig(TypedConfig):
+    """Everything an experiment needs, typed and range-checked; round-trips through JSON and YAML."""
+
+    model: Annotated[str, Field(min_length=1)] = "smollm2-135m"
+    data: Annotated[str, Field(min_length=1)] = "builtin"  # "builtin", or a folder with E2E's two CSV files
+    num_clients: PositiveInt = 5
+    budgets: list[Positive] = Field(default_factory=lambda: list(PAPER_BUDGET_FRACTIONS))
+    budget_unit: Literal["weights", "bytes"] = "weights"  # weights: fractions of the model's weight bytes
+    speeds: list[Positive] | None = None  # FLOP/s per client; default proportional to budget
+    bandwidth: Positive = DEFAULT_BANDWIDTH
+    server_speed: Positive | None = None
+    partition: Literal["iid", "dirichlet"] = "iid"
+    dirichlet_alpha: Positive = 0.5
+    partition_attribute: Literal[tuple(E2E_ATTRIBUTES)] = "eatType"
+    rounds: PositiveInt = 5
+    local_steps: PositiveInt = 5
+    batch_size: PositiveInt = 8
+    seq_len: Annotated[Int, Field(ge=2)] = 64
+    lr: Positive = 1e-3
+    ft_lr: Positive = 5e-5
+    rank_levels: list[NonNegativeInt] = Field(default_factory=lambda: list(DEFAULT_RANK_LEVELS))
+    server_adapter_budget: Annotated[Float, Field(ge=0)] | None = None  # bytes for the shared server adapters
+    lora_alpha: Positive | None = None  # scale = alpha / r, alpha fixed across ranks (null: 2 x the top rank)
+    headroom: Annotated[Float, Field(ge=0, lt=1)] = 0.1
+    split_points: list[PositiveInt] | None = None  # fixed split point per client for ARMSC methods
+    iwi_interval: PositiveInt = 5
+    beta_max: Annotated[Float, Field(ge=0, lt=1)] = 0.9
+    delta: Positive = 0.1  # an L1 shift of importance (at most 2)
+    gamma: Fraction = 0.9  # HetLoRA's regulariser keeps the first ceil(gamma r) rank components free
+    seed: NonNegativeInt = 0
+    val_fraction: Fraction = 0.1  # E2E folder: share of the development MRs held out for validation PPL
+    val_examples: PositiveInt = 128
+    eval_mrs: PositiveInt = 20
+    num_beams: PositiveInt = 4
+    max_new_tokens: PositiveInt = 60
+    final_metrics: Annotated[bool, Field(strict=True)] = True
+    events: list[Event] = Field(default_factory=list)
+    methods: Annotated[list[str], Field(min_length=1)] = Field(default_factory=lambda: PAPER_METHODS + ABLATIONS)
     device: str = "cpu"
+
+    @field_validator("methods")
+    @classmethod
+    def _known_methods(cls, names):
+        unknown = [n for n in names if n not in METHODS]
+        if unknown:
+            raise ValueError(f"unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
+        if len(set(names)) != len(names):
+            raise ValueError("each method once")
+        return names
+
+    @field_validator("rank_levels")
+    @classmethod
+    def _levels(cls, levels):
+        if 0 not in levels or len(set(levels)) < 2 or len(set(levels)) != len(levels):
+            raise ValueError("distinct non-negative integers including 0 and at least one positive rank")
+        return levels
+
+    @field_validator("delta")
+    @classmethod
+    def _reachable_delta(cls, delta):
+        if delta >= MAX_L1_SHIFT:
+            raise ValueError(f"a number in (0, {MAX_L1_SHIFT:g}): the IWI trigger compares an L1 shift of two "
+                             f"importance distributions, which is never above {MAX_L1_SHIFT:g}")
+        return delta
+
+    @field_validator("device")
+    @classmethod
+    def _device_name(cls, name):
+        return device_name(name)
+
+    @model_validator(mode="after")
+    def _per_client_lists(self):
+        n = self.num_clients
+        for name in ("budgets", "speeds", "split_points"):
+            value = getattr(self, name)
+            if value is not None and len(value) != n:
+                _bad(name, value, f"one value per client ({n}; num_clients)")
+        _check_events(self)
+        return self
 
     # ---- files and copies ------------------------------------------------------------------------
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return self.model_dump()
 
     @classmethod
     def from_dict(cls, d: dict) -> "ExperimentConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown config field(s) {unknown}; known fields: {sorted(known)}")
+        if not isinstance(d, dict):
+            raise ConfigError(f"a config is a mapping of fields, got {type(d).__name__}")
         return cls(**d)
 
     def replace(self, **overrides) -> "ExperimentConfig":
@@ -98,14 +201,12 @@ class ExperimentConfig:
 
     @classmethod
     def load(cls, path) -> "ExperimentConfig":
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file {path} does not exist")
-        text = path.read_text()
-        data = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a mapping of config fields, got {type(data).__name__}")
-        return cls.from_dict(data)
+        """Read a .yaml/.yml or .json config; errors name the file and the field."""
+        data = read_mapping(path)
+        try:
+            return cls.from_dict(data)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
 
     # ---- derived values --------------------------------------------------------------------------
 
@@ -134,7 +235,7 @@ class ExperimentConfig:
         """The event schedule with client names and budget events' memory in bytes."""
         names, scale, out = self.client_names(), self.budget_scale(model_config), []
         for e in self.events:
-            e = dict(e)
+            e = e.model_dump()
             if isinstance(e["client"], int):
                 e["client"] = names[e["client"]]
             if e["type"] == "budget":
@@ -145,13 +246,12 @@ class ExperimentConfig:
     # ---- validation ------------------------------------------------------------------------------
 
     def validate(self) -> None:
-        """Fail before any training, naming the field."""
-        _check_methods(self)
-        _check_numbers(self)
-        _check_choices(self)
+        """What the types cannot say, checked before any training: the data folder, the device this torch
+        build has, split points and budgets (initial and in events) against the model's blocks and memory."""
         _check_data(self)
-        _check_split_points(self)
-        _check_events(self)
+        check_device(self.device)
+        if self.split_points is not None or any(METHODS[m].splits for m in self.methods):
+            _check_model_fit(self)
 
 
 def preset(name: str, **overrides) -> ExperimentConfig:
@@ -167,54 +267,57 @@ def _bad(field_name, value, allowed):
     raise ValueError(f"config field {field_name!r}: {value!r} is not allowed; {allowed}")
 
 
-def _check_methods(cfg: ExperimentConfig) -> None:
-    for name in cfg.methods:
-        if name not in METHODS:
-            _bad("methods", name, f"choose from {', '.join(METHODS)}")
-    if not cfg.methods:
-        _bad("methods", cfg.methods, "name at least one method")
+def _loc(parts) -> str:
+    """A pydantic error location as a reader writes it: `events[0].round` (the union's tag left out)."""
+    out = ""
+    for p in parts:
+        if isinstance(p, int):
+            out += f"[{p}]"
+        elif p not in ("dropout", "budget", "str", "int"):
+            out += f".{p}" if out else str(p)
+    return out
 
 
-def _check_numbers(cfg: ExperimentConfig) -> None:
-    for f in _POSITIVE_INTS:
-        v = getattr(cfg, f)
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            _bad(f, v, "a positive integer")
-    if len(cfg.budgets) != cfg.num_clients:
-        _bad("budgets", cfg.budgets, f"one budget per client ({cfg.num_clients})")
-    for b in cfg.budgets:
-        if not isinstance(b, (int, float)) or not b > 0 or not math.isfinite(b):
-            _bad("budgets", b, "budgets must be positive numbers")
-    if cfg.speeds is not None and (len(cfg.speeds) != cfg.num_clients or min(cfg.speeds) <= 0):
-        _bad("speeds", cfg.speeds, f"{cfg.num_clients} positive FLOP/s values, or null")
-    for f in ("bandwidth", "lr", "ft_lr", "delta"):
-        if not getattr(cfg, f) > 0:
-            _bad(f, getattr(cfg, f), "a positive number")
-    if cfg.server_speed is not None and not cfg.server_speed > 0:
-        _bad("server_speed", cfg.server_speed, "a positive number or null")
-    for f, lo, hi, text in (("headroom", 0, 1, "[0, 1)"), ("beta_max", 0, 1, "[0, 1)")):
-        if not lo <= getattr(cfg, f) < hi:
-            _bad(f, getattr(cfg, f), f"a number in {text}")
-    if cfg.server_adapter_budget is not None and not (isinstance(cfg.server_adapter_budget, (int, float))
-                                                      and cfg.server_adapter_budget >= 0):
-        _bad("server_adapter_budget", cfg.server_adapter_budget, "a non-negative number of bytes, or null (top rank)")
-    if cfg.lora_alpha is not None and not (isinstance(cfg.lora_alpha, (int, float)) and cfg.lora_alpha > 0):
-        _bad("lora_alpha", cfg.lora_alpha, "a positive number, or null for 2 x the top rank level")
-    for f in ("val_fraction", "gamma"):
-        if not 0 < getattr(cfg, f) < 1:
-            _bad(f, getattr(cfg, f), "a number in (0, 1)")
-    levels = cfg.rank_levels
-    if 0 not in levels or any((not isinstance(r, int)) or r < 0 for r in levels) or len(set(levels)) < 2:
-        _bad("rank_levels", levels, "non-negative integers including 0 and at least one positive rank")
+def describe(exc: ValidationError, model=None) -> str:
+    """One line per wrong field: the field, the value and what is allowed."""
+    lines, seen = [], set()
+    for e in exc.errors():
+        loc, msg = _loc(e["loc"]), e["msg"].removeprefix("Value error, ")
+        if e["loc"][:1] in seen:  # one line per field: a list's first bad element stands for the rest
+            continue
+        seen.add(e["loc"][:1])
+        if not loc or msg.startswith("config field"):
+            lines.append(msg)
+        elif e["type"] == "missing":
+            lines.append(f"config field {loc!r} is missing")
+        elif e["type"] == "extra_forbidden":
+            lines.append(f"unknown config field {loc!r}; known fields: {', '.join((model or ExperimentConfig).model_fields)}")
+        else:
+            lines.append(f"config field {loc!r}: {e['input']!r} is not allowed; {msg[0].lower() + msg[1:]}")
+    return "\n".join(lines)
 
 
-def _check_choices(cfg: ExperimentConfig) -> None:
-    if cfg.budget_unit not in ("weights", "bytes"):
-        _bad("budget_unit", cfg.budget_unit, "'weights' (fractions of the model's weight bytes) or 'bytes'")
-    if cfg.partition not in ("iid", "dirichlet"):
-        _bad("partition", cfg.partition, "'iid' or 'dirichlet'")
-    if cfg.partition_attribute not in E2E_ATTRIBUTES:
-        _bad("partition_attribute", cfg.partition_attribute, f"one of {E2E_ATTRIBUTES}")
+def _check_events(cfg: ExperimentConfig) -> None:
+    """Clients exist, rounds lie within the run, and no round is left without a client."""
+    names, away = cfg.client_names(), {r: set() for r in range(1, cfg.rounds + 1)}
+    for i, e in enumerate(cfg.events):
+        where = f"events[{i}]"
+        client = names[e.client] if isinstance(e.client, int) and e.client < cfg.num_clients else e.client
+        if client not in names:
+            _bad(f"{where}.client", e.client, f"one of {names} or an index below {cfg.num_clients}")
+        rounds = (e.start, e.end) if e.type == "dropout" else (e.round,)
+        for key, r in zip(("start", "end") if e.type == "dropout" else ("round",), rounds):
+            if r > cfg.rounds:
+                _bad(f"{where}.{key}", r, f"a round in 1..{cfg.rounds} (rounds)")
+        if e.type == "dropout":
+            if e.end < e.start:
+                _bad(f"{where}.end", e.end, f"a round >= start ({e.start})")
+            for r in range(e.start, e.end + 1):
+                away[r].add(client)
+    empty = [r for r, gone in away.items() if len(gone) == cfg.num_clients]
+    if empty:
+        raise ValueError(f"config field 'events': every client drops out in round {empty[0]}; at least one client "
+                         "must be present in every round")
 
 
 def _check_data(cfg: ExperimentConfig) -> None:
@@ -228,35 +331,52 @@ def _check_data(cfg: ExperimentConfig) -> None:
             _bad("data", cfg.data, f"the folder lacks {f}")
 
 
-def _check_split_points(cfg: ExperimentConfig) -> None:
-    if cfg.split_points is None:
-        return
+def device_name(name: str) -> str:
+    """A name torch can parse as a device (availability is `check_device`'s question)."""
+    import torch
+
+    try:
+        torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError("a torch device such as 'cpu', 'cuda' or 'cuda:0'") from None
+    return name
+
+
+def check_device(name: str) -> None:
+    import torch
+
+    dev = torch.device(name)
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            _bad("device", name, "'cpu': this torch build or machine has no CUDA device")
+        if dev.index is not None and dev.index >= count:
+            _bad("device", name, f"'cpu' or cuda:0..cuda:{count - 1} ({count} CUDA devices here)")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        _bad("device", name, "'cpu': MPS is not available here")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        _bad("device", name, "'cpu', 'cuda' or 'cuda:N' (or 'mps' on Apple silicon)")
+
+
+def _check_model_fit(cfg: ExperimentConfig) -> None:
+    """Split points within the model's blocks, and every budget (at the start and in events) large enough
+    for the smallest split configuration, so a run never fails rounds later for it."""
     from .architectures import num_blocks
+    from .costs import smallest_budget
     from .models import model_config
 
-    n_blocks = num_blocks(model_config(cfg.model))
-    if len(cfg.split_points) != cfg.num_clients:
-        _bad("split_points", cfg.split_points, f"one split point per client ({cfg.num_clients}), or null")
-    for s in cfg.split_points:
-        if isinstance(s, bool) or not isinstance(s, int) or not 1 <= s <= n_blocks - 1:
-            _bad("split_points", s, f"split points must be integers in [1, {n_blocks - 1}] for "
-                                    f"{cfg.model!r} ({n_blocks} blocks)")
-
-
-def _check_events(cfg: ExperimentConfig) -> None:
-    names = cfg.client_names()
-    for i, e in enumerate(cfg.events):
-        where = f"events[{i}]"
-        if not isinstance(e, dict) or e.get("type") not in ("dropout", "budget"):
-            _bad(where, e, "a mapping with type 'dropout' or 'budget'")
-        client = e.get("client")
-        if client not in names and not (isinstance(client, int) and 0 <= client < cfg.num_clients):
-            _bad(f"{where}.client", client, f"one of {names} or an index below {cfg.num_clients}")
-        if e["type"] == "dropout":
-            if not (isinstance(e.get("start"), int) and isinstance(e.get("end"), int) and 1 <= e["start"] <= e["end"]):
-                _bad(where, e, "dropout needs integer rounds 1 <= start <= end")
-        else:
-            if not (isinstance(e.get("round"), int) and e["round"] >= 1):
-                _bad(f"{where}.round", e.get("round"), "an integer round >= 1")
-            if not (isinstance(e.get("memory"), (int, float)) and e["memory"] > 0):
-                _bad(f"{where}.memory", e.get("memory"), "a positive budget in the config's budget_unit")
+    config = model_config(cfg.model)
+    n_blocks = num_blocks(config)
+    for s in cfg.split_points or []:
+        if not 1 <= s <= n_blocks - 1:
+            _bad("split_points", s, f"integers in [1, {n_blocks - 1}] for {cfg.model!r} ({n_blocks} blocks)")
+    scale = cfg.budget_scale(config)
+    need = smallest_budget(config, cfg.batch_size, cfg.seq_len, min(r for r in cfg.rank_levels if r), cfg.headroom)
+    unit = "bytes" if cfg.budget_unit == "bytes" else "x the model's weight bytes"
+    places = [(f"budgets[{k}]", b) for k, b in enumerate(cfg.budgets)] + \
+        [(f"events[{i}].memory", e.memory) for i, e in enumerate(cfg.events) if e.type == "budget"]
+    for where, b in places:
+        if b * scale < need:
+            _bad(where, b, f"at least {need / scale:.6g} {unit}: the smallest split configuration of "
+                           f"{cfg.model!r} (split point 1, one adapter at the lowest rank, batch {cfg.batch_size} x "
+                           f"{cfg.seq_len} tokens, headroom {cfg.headroom})")

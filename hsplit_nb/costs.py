@@ -11,6 +11,7 @@ adapter sits matters (each family's block model is in the architecture table).
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -110,6 +111,14 @@ def client_memory(config, split_point: int, ranks, batch_size: int, seq_len: int
         "smashed": batch_size * seq_len * dims.d * p,
     }
     return parts if breakdown else sum(parts.values())
+
+
+def smallest_budget(config, batch_size: int, seq_len: int, rank: int, headroom: float = 0.1,
+                    dtype=torch.float32) -> float:
+    """The least memory budget any split method can run in: split point 1 with one adapter at `rank` on the
+    cheapest block-0 matrix, plus the planner's headroom. Below it no split point fits."""
+    cheapest = min((m for m in candidate_matrices(config) if m.layer == 0), key=lambda m: m.rank1_cost)
+    return client_memory(config, 1, {cheapest.name: rank}, batch_size, seq_len, dtype) / (1 - headroom)
 
 
 def measure_client_memory(model, split_point: int, batch: dict) -> dict[str, int]:
@@ -237,13 +246,12 @@ class ClientSpec:
     bandwidth: float = DEFAULT_BANDWIDTH
 
     def __post_init__(self):
-        if not (isinstance(self.memory, (int, float)) and self.memory > 0 and math.isfinite(self.memory)):
-            raise ValueError(f"client {self.name!r}: memory budget must be a positive number of bytes, "
-                             f"got {self.memory!r}")
-        if self.speed is not None and not self.speed > 0:
-            raise ValueError(f"client {self.name!r}: speed must be positive FLOP/s, got {self.speed!r}")
-        if not self.bandwidth > 0:
-            raise ValueError(f"client {self.name!r}: bandwidth must be positive bytes/s, got {self.bandwidth!r}")
+        for name, value, unit in (("memory", self.memory, "bytes"), ("speed", self.speed, "FLOP/s"),
+                                  ("bandwidth", self.bandwidth, "bytes/s")):
+            if value is None and name == "speed":
+                continue
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < math.inf:
+                raise ValueError(f"client {self.name!r}: {name} {value!r} is not allowed; a positive number of {unit}")
 
     @property
     def flops(self) -> float:

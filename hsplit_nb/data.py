@@ -5,6 +5,7 @@ end-of-text token), never the prompt or the padding.
 """
 from __future__ import annotations
 
+import io
 import re
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .io import atomic_write_text
+from .io import atomic_write_text, read_text
 
 E2E_ATTRIBUTES = ("name", "eatType", "food", "priceRange", "customer rating", "area", "familyFriendly", "near")
 SEPARATOR = "\nDescription:"
@@ -41,12 +42,13 @@ def parse_mr(mr: str) -> dict[str, str]:
 def load_e2e(path) -> pd.DataFrame:
     """Rows (mr, ref) of an E2E-format CSV, validated; errors name the file and the row."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"E2E data file {path} does not exist")
+    text = read_text(path, "E2E data file")
     try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+        df = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
     except pd.errors.EmptyDataError:
         raise ValueError(f"{path}: the file is empty (expected a header with columns 'mr' and 'ref')") from None
+    except pd.errors.ParserError as exc:
+        raise ValueError(f"{path} is not a readable CSV file: {' '.join(str(exc).split())}") from None
     missing = [c for c in ("mr", "ref") if c not in df.columns]
     if missing:
         raise ValueError(f"{path}: missing column(s) {missing}; found {list(df.columns)}, need 'mr' and 'ref'")

@@ -20,12 +20,14 @@ from tqdm.auto import tqdm
 from .config import PAPER_BUDGET_FRACTIONS, ExperimentConfig, preset  # noqa: F401  (re-exported)
 from .costs import ClientSpec
 from .data import E2EDataset, group_references, load_builtin, load_e2e, loader, partition
-from .federation import Client, NoClientFits, federation, in_process
-from .io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from .federation import Client, Diverged, NoClientFits, federation, in_process  # noqa: F401  (Diverged re-exported)
+from .federation.divergence import finite
+from .io import atomic_write_bytes
 from .methods import get_method
 from .metrics import e2e_metrics, generate
 from .models import load_model
 from .plots import save_figures
+from .runfolder import RunFolder, RunFolderError
 
 # ---- data -------------------------------------------------------------------------------------
 
@@ -103,7 +105,7 @@ class _Run:
         start = 1
         ckpt = self.checkpoint
         if ckpt is not None and ckpt.is_file():
-            saved = torch.load(ckpt, weights_only=False)
+            saved = _read_checkpoint(ckpt, self.name)
             self.fed.load_state(saved["state"])
             rows += saved["rows"]
             client_rows += saved["client_rows"]
@@ -117,6 +119,7 @@ class _Run:
             if rec.get("reasons"):  # what happened during the round (a client lost mid-round)
                 info = {**info, "reasons": list(info.get("reasons", [])) + rec["reasons"]}
             row = self._row(r, rec["train_loss"], rec["bytes"], info)
+            finite(self.fed, row["val_ppl"], "the validation perplexity", step=0)  # before it becomes a checkpoint
             rows.append(row)
             client_rows += [{"method": self.name, "round": r, "client": c.name, "present": c.present,
                              "split_point": c.split_point, "total_rank": sum(c.ranks.values()), **rec["bytes"][c.name]}
@@ -137,6 +140,17 @@ class _Run:
                 "outputs": json.dumps(outputs)}
 
 
+def _read_checkpoint(path: Path, method: str) -> dict:
+    try:
+        saved = torch.load(path, weights_only=False)
+        if not {"round", "state", "rows", "client_rows"} <= set(saved):
+            raise KeyError("round, state, rows, client_rows")
+    except Exception as exc:  # torch.load raises many kinds on a truncated or foreign file
+        raise RunFolderError(f"checkpoint {path} cannot be read ({exc.__class__.__name__}: {str(exc)[:120]}); "
+                             f"delete it to start {method} again from round 0") from None
+    return saved
+
+
 def _to_bytes(obj) -> bytes:
     import io
 
@@ -149,15 +163,18 @@ def run_experiment(config: ExperimentConfig, methods=None, out_dir=None, progres
                    on_round=None, transport=in_process, on_lost=None) -> pd.DataFrame:
     """Run `methods` (default: the config's) and return one row per method and round.
 
-    With `out_dir`, results.csv, clients.csv, metrics.csv, config.json and figures are written after
-    every round (atomically), and a stopped run resumes from its checkpoints when started again.
+    With `out_dir`, results.csv, clients.csv, metrics.csv, config.json, fingerprint.json and figures are written
+    (atomically), and a stopped run resumes from its checkpoints when started again with the same config and
+    data. A method that diverges stops the run with `Diverged`: no NaN is checkpointed, scored or drawn.
     `transport` gives the main server its client proxies (in-process by default; the multi-process runner
     passes remote clients), and `on_lost(method, client, reason)` hears of clients lost mid-run.
     """
     cfg = config.replace(methods=list(methods)) if methods is not None else config
     cfg.validate()
-    out = Path(out_dir) if out_dir is not None else None
-    rows, client_rows, metrics = _open_folder(out, cfg) if out is not None else ([], [], [])
+    folder = RunFolder(out_dir, cfg) if out_dir is not None else None
+    if folder is not None:
+        folder.check()
+    rows, client_rows, metrics = folder.read() if folder is not None else ([], [], [])
     done = {m["method"] for m in metrics if cfg.final_metrics or isinstance(m.get("note"), str)} | \
         ({r["method"] for r in rows if r["round"] == cfg.rounds} if not cfg.final_metrics else set())
     rows = [r for r in rows if r["method"] in done]
@@ -165,49 +182,38 @@ def run_experiment(config: ExperimentConfig, methods=None, out_dir=None, progres
     splits = load_splits(cfg)
     todo = [m for m in cfg.methods if m not in done]
     bar = tqdm(total=len(todo) * cfg.rounds, desc="rounds", disable=not progress)
+    write = folder.write if folder is not None else (lambda *tables: None)
 
     def round_done(method, row):
         bar.update(1)
         bar.set_postfix(method=method, ppl=f"{row['val_ppl']:.3f}")
-        _write(out, rows, client_rows, metrics)
+        write(rows, client_rows, metrics)
         if on_round is not None:
             on_round(method, row)
 
     for name in todo:
-        run = _Run(cfg, name, splits, out, transport,
+        run = _Run(cfg, name, splits, folder.path if folder is not None else None, transport,
                    None if on_lost is None else (lambda client, why, name=name: on_lost(name, client, why)))
+        if folder is not None and not folder.recorded:
+            folder.record()  # training starts: from here on the folder holds this setting
         try:
             run.run(rows, client_rows, round_done)
         except NoClientFits as exc:  # a result, not a failure: this method cannot train at these budgets
             metrics.append({"method": name, "note": str(exc)})
             bar.update(cfg.rounds)
-            _write(out, rows, client_rows, metrics)
+            write(rows, client_rows, metrics)
             continue
         if cfg.final_metrics:
             metrics.append(run.final_metrics())
-        _write(out, rows, client_rows, metrics)
+        write(rows, client_rows, metrics)
         if run.checkpoint is not None and run.checkpoint.is_file():
             run.checkpoint.unlink()
         del run
     bar.close()
-    return _finish(out, rows, client_rows, metrics)
+    return _finish(folder, rows, client_rows, metrics)
 
 
-def _open_folder(out: Path, cfg: ExperimentConfig):
-    """Check that `out` holds results of this config (or none), record the config, and read what is done."""
-    out.mkdir(parents=True, exist_ok=True)
-    saved_cfg = out / "config.json"
-    methods_before = []
-    if saved_cfg.is_file():
-        previous = ExperimentConfig.from_dict(json.loads(saved_cfg.read_text()))
-        if previous.replace(methods=cfg.methods) != cfg:
-            raise ValueError(f"{out} holds results of a different config; choose another output folder")
-        methods_before = previous.methods
-    atomic_write_json(saved_cfg, cfg.replace(methods=list(dict.fromkeys(methods_before + cfg.methods))).to_dict())
-    return _load_finished(out)
-
-
-def _finish(out: Path | None, rows, client_rows, metrics) -> pd.DataFrame:
+def _finish(folder: RunFolder | None, rows, client_rows, metrics) -> pd.DataFrame:
     """The results table with the final evaluation joined to each method's last round; figures when saved."""
     df = pd.DataFrame(rows)
     if metrics and not df.empty:
@@ -216,32 +222,13 @@ def _finish(out: Path | None, rows, client_rows, metrics) -> pd.DataFrame:
         df = df.drop(columns=[c for c in scores.columns if c != "method" and c in df.columns])
         df = df.merge(scores, on="method", how="left")
         df.loc[~last.values, [c for c in scores.columns if c != "method"]] = float("nan")
-        _write(out, df.to_dict("records"), client_rows, metrics)
-    if out is not None and not df.empty:
-        save_figures(df, out)
+        if folder is not None:
+            folder.write(df.to_dict("records"), client_rows, metrics)
+    if folder is not None and not df.empty:
+        save_figures(df, folder.path)
     df.attrs["metrics"] = pd.DataFrame(metrics)
     df.attrs["clients"] = pd.DataFrame(client_rows)
     return df
-
-
-def _load_finished(out: Path):
-    def read(name):
-        try:
-            df = pd.read_csv(out / name)
-        except (FileNotFoundError, pd.errors.EmptyDataError):
-            return []
-        if "reasons" in df:  # an empty string reads back as NaN
-            df["reasons"] = df["reasons"].astype(object).where(df["reasons"].notna(), "")
-        return df.to_dict("records")
-    return read("results.csv"), read("clients.csv"), read("metrics.csv")
-
-
-def _write(out: Path | None, rows, client_rows, metrics) -> None:
-    if out is None:
-        return
-    atomic_write_text(out / "results.csv", pd.DataFrame(rows).to_csv(index=False))
-    atomic_write_text(out / "clients.csv", pd.DataFrame(client_rows).to_csv(index=False))
-    atomic_write_text(out / "metrics.csv", pd.DataFrame(metrics).to_csv(index=False))
 
 
 def _time_to(part: pd.DataFrame, target: float, column: str) -> float:

@@ -1,12 +1,15 @@
 """Model loading: the offline SmolLM2-135M (GGUF, cached dequantised), any HF model, and tiny test models."""
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import importlib.util
 import json
 import os
 import shutil
 import tempfile
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import torch
@@ -94,6 +97,53 @@ def ensure_smollm2_cache() -> Path:
     return target
 
 
+_HUB_STATE: dict[str, bool] = {}
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers from here: False under HF_HUB_OFFLINE, else one HTTP request (proxies
+    honoured), asked once per process. Without the hub, loads use only local files and fail in well under a
+    second instead of after the hub client's retries."""
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return False
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    if endpoint not in _HUB_STATE:
+        try:
+            urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=timeout).close()
+            _HUB_STATE[endpoint] = True
+        except urllib.error.HTTPError:  # it answered, if with an error status
+            _HUB_STATE[endpoint] = True
+        except (OSError, ValueError):
+            _HUB_STATE[endpoint] = False
+    return _HUB_STATE[endpoint]
+
+
+def _source(name: str) -> str | Path:
+    return ensure_smollm2_cache() if name.lower() == SMOLLM2 else name
+
+
+@contextlib.contextmanager
+def _hub_offline_unless_reachable(source):
+    """Load from local files only where the hub is not reachable (or `source` is a local folder), so no request is
+    retried: huggingface_hub's offline switch makes every request fail at once."""
+    from huggingface_hub import constants
+
+    before = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = before or Path(source).is_dir() or not hub_reachable()
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = before
+
+
+def _unknown_model(name: str, exc: Exception) -> ValueError:
+    where = "a Hugging Face id (the hub is reachable from here)" if hub_reachable() else \
+        "a Hugging Face id already in the local cache (the hub is not reachable from here)"
+    return ValueError(f"could not load model {name!r}: it is not a known name ({SMOLLM2!r}, "
+                      f"{', '.join(map(repr, TINY_NAMES))}), a local model folder, or {where} "
+                      f"({exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''})")
+
+
 def load_model(name_or_path: str = SMOLLM2, dtype: torch.dtype = torch.float32, device="cpu"):
     """Return (model, tokenizer) for the offline default, a tiny test model, a HF id or a local dir."""
     if not isinstance(name_or_path, (str, os.PathLike)) or not str(name_or_path):
@@ -102,17 +152,14 @@ def load_model(name_or_path: str = SMOLLM2, dtype: torch.dtype = torch.float32, 
     if name in TINY_NAMES:
         model, tokenizer = tiny_model(TINY_NAMES[name])
     else:
-        source = ensure_smollm2_cache() if name.lower() == SMOLLM2 else name
+        source = _source(name)
         hf_logging.disable_progress_bar()  # a bar per load is noise in loops over methods
         try:
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
-            tokenizer = AutoTokenizer.from_pretrained(source)
-        except OSError as exc:
-            raise ValueError(
-                f"could not load model {name!r}: not a known name ({SMOLLM2!r}, "
-                f"{', '.join(map(repr, TINY_NAMES))}), a local model directory, or a Hugging Face id "
-                f"reachable from here ({exc.__class__.__name__}: {str(exc).splitlines()[0]})"
-            ) from exc
+            with _hub_offline_unless_reachable(source):
+                model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+                tokenizer = AutoTokenizer.from_pretrained(source)
+        except (OSError, ValueError) as exc:
+            raise _unknown_model(name, exc) from exc
         finally:
             hf_logging.enable_progress_bar()
     family_of(model)
@@ -128,12 +175,12 @@ def model_config(name_or_path: str = SMOLLM2):
     name = str(name_or_path)
     if name in TINY_NAMES:
         return tiny_model(TINY_NAMES[name])[0].config
-    source = ensure_smollm2_cache() if name.lower() == SMOLLM2 else name
+    source = _source(name)
     try:
-        config = AutoConfig.from_pretrained(source)
-    except OSError as exc:
-        raise ValueError(f"could not load the config of model {name!r}: not a known name, a local model "
-                         f"directory, or a reachable Hugging Face id ({str(exc).splitlines()[0]})") from exc
+        with _hub_offline_unless_reachable(source):
+            config = AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as exc:
+        raise _unknown_model(name, exc) from exc
     family_of(config)
     return config
 

@@ -95,14 +95,24 @@ def _greedy(matrices: list[Matrix], importance: dict[str, float], levels: tuple[
         room -= extra
 
 
-def _check_inputs(clients, rank_levels, headroom) -> tuple[int, ...]:
+def _check_inputs(clients, rank_levels, headroom, batch_size=1, seq_len=1, server_speed=None) -> tuple[int, ...]:
+    """ARMSC's inputs at the door: errors name the argument (and the client) at fault."""
     levels = tuple(sorted(set(int(r) for r in rank_levels)))
     if not levels or levels[0] != 0 or len(levels) < 2 or any(r < 0 for r in levels):
         raise ValueError(f"rank_levels must contain 0 and at least one positive rank, got {tuple(rank_levels)!r}")
-    if not 0 <= headroom < 1:
-        raise ValueError(f"headroom must be in [0, 1), got {headroom!r}")
-    if not clients:
-        raise ValueError("plan needs at least one client")
+    def number(v, lo, hi, integer=False):
+        return not isinstance(v, (bool, str)) and (hasattr(v, "__index__") or not integer) and lo <= v < hi
+    for name, v, ok, allowed in (
+            ("batch_size", batch_size, number(batch_size, 1, math.inf, True), "a positive integer"),
+            ("seq_len", seq_len, number(seq_len, 1, math.inf, True), "a positive integer"),
+            ("headroom", headroom, number(headroom, 0, 1), "a number in [0, 1)"),
+            ("server_speed", server_speed, server_speed is None or number(server_speed, 1e-300, math.inf), "> 0")):
+        if not ok:
+            raise ValueError(f"{name} {v!r} is not allowed; {allowed}")
+    bad = [k for k, c in enumerate(clients) if not isinstance(c, ClientSpec)]
+    if not clients or bad:
+        raise ValueError("plan needs at least one client" if not clients else f"clients[{bad[0]}] is "
+                         f"{clients[bad[0]]!r}; plan takes ClientSpec(name, memory, speed, bandwidth) per client")
     names = [c.name for c in clients]
     if len(set(names)) != len(names):
         raise ValueError(f"client names must be unique, got {names}")
@@ -259,7 +269,7 @@ def plan(config, clients: list[ClientSpec], importance: dict[str, float] | None 
     """
     config = getattr(config, "config", config)
     dims, p = Dims.of(config), dtype_bytes(dtype)
-    levels = _check_inputs(clients, rank_levels, headroom)
+    levels = _check_inputs(clients, rank_levels, headroom, batch_size, seq_len, server_speed)
     matrices = candidate_matrices(config)
     importance = _importance(matrices, importance)
     speeds = [c.flops for c in clients]
@@ -322,7 +332,7 @@ def weakest_split(config, clients: list[ClientSpec], batch_size: int = 8, seq_le
     or the deepest shallower split where the weakest budget fits a uniform rank."""
     config = getattr(config, "config", config)
     p = dtype_bytes(dtype)
-    levels = _check_inputs(clients, rank_levels, headroom)
+    levels = _check_inputs(clients, rank_levels, headroom, batch_size, seq_len, server_speed)
     weakest = min(clients, key=lambda c: c.memory)
     copies = [ClientSpec(c.name, weakest.memory, weakest.flops, weakest.bandwidth) for c in clients]
     s0 = min(armsc_splits(config, copies, None, batch_size, seq_len, levels, p, headroom, server_speed))
@@ -366,28 +376,3 @@ def whole_model_bytes(config, ranks: dict[str, int], batch_size: int, seq_len: i
 
 
 # ---- paper scale --------------------------------------------------------------------------------
-
-def paper_configs() -> dict:
-    """LLaMA-2-7B and GPT-2-L configs built in code (no weights, no hub)."""
-    from transformers import GPT2Config, LlamaConfig
-
-    return {
-        "llama-2-7b": LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                                  num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096),
-        "gpt2-large": GPT2Config(vocab_size=50257, n_positions=1024, n_embd=1280, n_layer=36, n_head=20),
-    }
-
-
-def paper_budgets(n_clients: int = 5, low: float = 5e9, high: float = 20e9) -> list[float]:
-    """The paper's heterogeneous budgets, uniform in [low, high], evenly spaced (deterministic)."""
-    if n_clients == 1:
-        return [high]
-    return [low + (high - low) * i / (n_clients - 1) for i in range(n_clients)]
-
-
-def paper_scale_plans(batch_size: int = 8, seq_len: int = 128, n_clients: int = 5) -> dict[str, Plan]:
-    """ARMSC plans for LLaMA-2-7B and GPT-2-L (fp16 frozen weights) at the paper's 5-20 GB budgets,
-    uniform importance, default speeds (proportional to budget) and server (10x the richest)."""
-    clients = [ClientSpec(f"client{k}", b) for k, b in enumerate(paper_budgets(n_clients))]
-    return {name: plan(cfg, clients, batch_size=batch_size, seq_len=seq_len, dtype=torch.float16)
-            for name, cfg in paper_configs().items()}

@@ -1,16 +1,20 @@
 """The main job for now: split LoRA fine-tuning of one client and one server, PPL before and after."""
 from __future__ import annotations
 
+import math
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from pydantic import Field, field_validator
+
 from .adapters import add_adapters
+from .config import Int, Positive, PositiveInt, TypedConfig, check_device, device_name
 from .data import E2EDataset, load_builtin, loader
+from .federation import Diverged
 from .io import atomic_write_json, atomic_write_text
 from .metrics import perplexity
 from .architectures import architecture
@@ -18,18 +22,23 @@ from .models import load_model
 from .split import split_model, split_step
 
 
-@dataclass
-class QuickstartConfig:
-    model: str = "smollm2-135m"
-    split_point: int = 6
-    ranks: dict | None = None  # None: rank 8 on q and v (LLaMA) or on the fused c_attn (GPT-2)
-    steps: int = 40
-    batch_size: int = 8
-    seq_len: int = 64
-    lr: float = 1e-3
-    eval_examples: int = 128
-    seed: int = 0
+class QuickstartConfig(TypedConfig):
+    """One client and one server on the built-in data; typed like the experiment config."""
+    model: str = Field("smollm2-135m", min_length=1)
+    split_point: PositiveInt = 6
+    ranks: dict[str, Int] | None = None  # None: rank 8 on q and v (LLaMA) or on the fused c_attn (GPT-2)
+    steps: PositiveInt = 40
+    batch_size: PositiveInt = 8
+    seq_len: Int = Field(64, ge=2)
+    lr: Positive = 1e-3
+    eval_examples: PositiveInt = 128
+    seed: Int = Field(0, ge=0)
     device: str = "cpu"
+
+    @field_validator("device")
+    @classmethod
+    def _device_name(cls, name):
+        return device_name(name)
 
 
 def _trainable(module) -> list[torch.nn.Parameter]:
@@ -38,8 +47,7 @@ def _trainable(module) -> list[torch.nn.Parameter]:
 
 def run_split_lora(cfg: QuickstartConfig, out_dir=None, progress: bool = True) -> dict:
     """Fine-tune with split LoRA on the built-in data; returns (and writes) PPL before/after and step log."""
-    if cfg.steps < 1 or cfg.batch_size < 1:
-        raise ValueError(f"steps and batch_size must be >= 1, got steps={cfg.steps}, batch_size={cfg.batch_size}")
+    check_device(cfg.device)
     torch.manual_seed(cfg.seed)
     model, tokenizer = load_model(cfg.model, device=cfg.device)
     ranks = cfg.ranks or dict(architecture(model).default_ranks)
@@ -61,6 +69,9 @@ def run_split_lora(cfg: QuickstartConfig, out_dir=None, progress: bool = True) -
         for batch in loader(train, tokenizer, cfg.batch_size, shuffle=True, seed=cfg.seed + step):
             batch = {k: v.to(cfg.device) for k, v in batch.items()}
             result = split_step(client, server, batch, client_opt, server_opt)
+            if not math.isfinite(result.loss):
+                raise Diverged(f"quickstart diverged at step {step + 1}: the training loss is {result.loss}. The "
+                               f"likely cause is the learning rate ({cfg.lr:g}); try a smaller one")
             log.append({"step": step, "loss": result.loss, "bytes_up": result.bytes_up,
                         "bytes_down": result.bytes_down})
             step += 1
@@ -72,7 +83,10 @@ def run_split_lora(cfg: QuickstartConfig, out_dir=None, progress: bool = True) -
     train_seconds = time.perf_counter() - start
     ppl_after = perplexity(model, dev_batches, cfg.device)
 
-    summary = {"config": {**asdict(cfg), "ranks": ranks}, "ppl_before": ppl_before, "ppl_after": ppl_after,
+    if not math.isfinite(ppl_after):
+        raise Diverged(f"quickstart diverged: the validation perplexity after training is {ppl_after}; "
+                       f"try a smaller learning rate than {cfg.lr:g}")
+    summary = {"config": {**cfg.model_dump(), "ranks": ranks}, "ppl_before": ppl_before, "ppl_after": ppl_after,
                "train_seconds": train_seconds, "client_trainable_params": sum(p.numel() for p in client_params),
                "server_trainable_params": sum(p.numel() for p in server_params),
                "bytes_up_total": sum(r["bytes_up"] for r in log), "bytes_down_total": sum(r["bytes_down"] for r in log)}

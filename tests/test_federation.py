@@ -160,8 +160,8 @@ def test_resume_after_a_stop_gives_the_same_numbers(tmp_path):
     # a finished run started again does nothing new
     again = run_experiment(cfg, out_dir=tmp_path / "cut", progress=False)
     pd.testing.assert_frame_equal(again[cols].reset_index(drop=True), whole[cols].reset_index(drop=True))
-    with pytest.raises(ValueError, match="different config"):
-        run_experiment(dataclasses.replace(cfg, lr=1e-2), out_dir=tmp_path / "cut", progress=False)
+    with pytest.raises(ValueError, match=r"different setting \(lr: 0.003 -> 0.01\)"):
+        run_experiment(cfg.replace(lr=1e-2), out_dir=tmp_path / "cut", progress=False)
 
 
 def test_hetlora_strict_memory_leaves_out_clients_that_cannot_hold_the_model():

@@ -10,10 +10,10 @@ FLOORS = [
     ("utilities and the architecture table", ["io", "architectures"]),
     ("data and models", ["data", "models", "metrics"]),
     ("split and adapters", ["split", "adapters"]),
-    ("IWI, ARMSC and NAA, and their cost models", ["importance", "costs", "planner", "aggregation"]),
+    ("IWI, ARMSC and NAA, and their cost models", ["importance", "costs", "planner", "paper", "aggregation"]),
     ("the method table and the settings", ["methods", "config"]),
     ("federation", ["federation"]),
-    ("experiments and their figures", ["experiment", "plots", "quickstart"]),
+    ("experiments and their figures", ["experiment", "runfolder", "plots", "quickstart"]),
     ("the multi-process runner", ["distributed"]),
     ("notebooks, widgets and the command line", ["notebook", "widgets", "reproduce", "__main__", "__init__"]),
 ]

@@ -6,9 +6,10 @@ import torch
 
 from hsplit_nb.adapters import add_adapters, candidate_matrices
 from hsplit_nb.models import tiny_model
+from hsplit_nb.paper import paper_budgets, paper_configs
 from hsplit_nb.planner import (
-    ClientSpec, Dims, block_flops, client_memory, head_flops, measure_client_memory, paper_budgets, paper_configs,
-    plan, smashed_bytes, step_latency, weight_bytes,
+    ClientSpec, Dims, block_flops, client_memory, head_flops, measure_client_memory, plan, smashed_bytes,
+    step_latency, weight_bytes,
 )
 
 RANK_SETTINGS = {
@@ -132,7 +133,7 @@ def test_budget_too_small_names_client_budget_and_minimum():
 
 @pytest.mark.parametrize("kwargs,match", [
     (dict(rank_levels=(2, 4)), "rank_levels must contain 0"),
-    (dict(headroom=1.0), r"headroom must be in \[0, 1\)"),
+    (dict(headroom=1.0), r"headroom 1.0 is not allowed; a number in \[0, 1\)"),
     (dict(importance={"nope": 1.0}), "importance names unknown matrices"),
     (dict(fixed_split_points=[1, 2]), "needs one split per client"),
 ])
@@ -140,7 +141,7 @@ def test_plan_argument_errors(kwargs, match):
     cfg = _six_blocks("llama").config
     with pytest.raises(ValueError, match=match):
         plan(cfg, [ClientSpec("a", 1e7)], batch_size=4, seq_len=32, **kwargs)
-    with pytest.raises(ValueError, match="memory budget must be a positive number of bytes, got -5"):
+    with pytest.raises(ValueError, match="memory -5 is not allowed; a positive number of bytes"):
         ClientSpec("neg", -5)
 
 

@@ -26,7 +26,7 @@ def test_split_lora_job_learns_and_writes_results(tmp_path, capsys):
 
 
 def test_bad_job_settings_are_clear():
-    with pytest.raises(ValueError, match="steps and batch_size must be >= 1"):
-        run_split_lora(QuickstartConfig(model="tiny-llama", steps=0))
+    with pytest.raises(ValueError, match="config field 'steps': 0 is not allowed; input should be greater than or equal to 1"):
+        QuickstartConfig(model="tiny-llama", steps=0)
     with pytest.raises(ValueError, match=r"split_point must be an integer in \[1, 3\]"):
         run_split_lora(QuickstartConfig(model="tiny-gpt2", split_point=9, seq_len=256, steps=1), progress=False)

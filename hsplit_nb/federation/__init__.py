@@ -5,6 +5,7 @@ from __future__ import annotations
 from .boundary import SERVER_ADAPTER
 from .central import CENTRAL_ADAPTER, CentralTraining
 from .clients import Client, calibration_indices, next_indices
+from .divergence import Diverged
 from .ledger import BYTE_KINDS, Clock, Ledger
 from .messages import Apply, CatchUp, Configure, Sync
 from .proxy import ClientProxy, LocalClient, unsplit_step
@@ -12,7 +13,7 @@ from .replica import Replica
 from .server import MainServer, NoClientFits, in_process
 
 __all__ = ["BYTE_KINDS", "CENTRAL_ADAPTER", "SERVER_ADAPTER", "Apply", "CatchUp", "CentralTraining", "Client",
-           "ClientProxy", "Clock", "Configure", "Ledger", "LocalClient", "MainServer", "NoClientFits", "Replica",
+           "ClientProxy", "Clock", "Configure", "Diverged", "Ledger", "LocalClient", "MainServer", "NoClientFits", "Replica",
            "Sync", "calibration_indices", "federation", "in_process", "next_indices", "unsplit_step"]
 
 

@@ -56,7 +56,7 @@ def _aggregate_matrix(server, m, ledger: Ledger, shared: set[str]) -> None:
     factors = [read_adapter(server.pm, m.name, a) for a in names]
     # absent clients have weight 0: they add nothing, but get what they would have received
     weights = [len(c.indices) if c.present else 0 for c in holders] + ([served] if served is not None else [])
-    out = agg(factors, weights)
+    out = agg(factors, weights, names, m.name)
     ranks = [f.rank if c.present else 0 for f, c in zip(factors, holders)]
     on_device = [c.hosts(m.layer) for c in holders]
     if served is not None:  # the server's copy is stacked too, but never crosses the network

@@ -9,6 +9,7 @@ from __future__ import annotations
 from ..importance import scoring, server_scores, side_matrices
 from ..split import ServerPart
 from .clients import Client
+from .divergence import finite
 from .ledger import calibration_bytes
 
 
@@ -53,4 +54,4 @@ def client_rngwp(server, c: Client) -> dict[str, float] | None:
     up_bytes, down_bytes = calibration_bytes(smashed, mask, labels, grad, len(cli))
     server.calibration_ledger.add(c.name, "calibration_up", up_bytes)
     server.calibration_ledger.add(c.name, "calibration_down", down_bytes)
-    return {m.name: scores[m.name] for m in server.matrices}
+    return {m.name: finite(server, scores[m.name], f"the RNGWP score of {m.name}", c) for m in server.matrices}

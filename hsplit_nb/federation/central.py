@@ -13,6 +13,7 @@ from ..data import Collator
 from ..metrics import perplexity
 from . import checkpoint
 from .clients import Client, next_indices
+from .divergence import finite
 from .ledger import Clock, Ledger
 from .replica import Replica
 
@@ -32,6 +33,7 @@ class CentralTraining:
         self.sim_time = self.wall_time = 0.0
         self.top_rank = cfg.top_rank
         self.opt = None
+        self.round = self.step_in_round = 0
 
     @property
     def present(self) -> list[Client]:
@@ -54,12 +56,12 @@ class CentralTraining:
 
     def run_round(self, r: int, weights_down=None) -> dict:
         """As many steps on the pooled data as all clients together take in a round."""
-        start = time.perf_counter()
+        start, self.round = time.perf_counter(), r
         n = self.cfg.local_steps * len(self.clients)
         model, opt = self.trained, self.optimizer()
         losses = []
         model.train()
-        for _ in range(n):
+        for self.step_in_round in range(1, n + 1):
             positions = next_indices(self.pooled, self.cfg.batch_size, self.cfg.seed, len(self.clients))
             batch = {k: v.to(self.device) for k, v in
                      self.collate([self.data[self.pooled.indices[i]] for i in positions]).items()}
@@ -67,17 +69,21 @@ class CentralTraining:
             loss = model(**batch).loss
             loss.backward()
             opt.step()
-            losses.append(loss.item())
+            losses.append(finite(self, loss.item(), "the training loss"))
         self.sim_time += n * self.clock.central_step(self.clients, self.method.ranks.step_flops_factor)
         self.wall_time += time.perf_counter() - start
         return {"round": r, "train_loss": float(np.mean(losses)),
                 "bytes": Ledger([c.name for c in self.clients]).bytes, "reasons": []}
 
+    @property
+    def lr(self) -> float:
+        return self.cfg.ft_lr if self.full else self.cfg.lr
+
     def optimizer(self):
         """One AdamW for the whole run: the adapters (or weights) persist, so does its state."""
         if self.opt is None:
             self.opt = torch.optim.AdamW([p for p in self.trained.parameters() if p.requires_grad],
-                                         lr=self.cfg.ft_lr if self.full else self.cfg.lr)
+                                         lr=self.lr)
         return self.opt
 
     @contextlib.contextmanager

@@ -27,6 +27,7 @@ from .clients import Client
 from .ledger import Clock, Ledger
 from .messages import Configure
 from .boundary import SERVER_ADAPTER
+from .divergence import finite
 from .proxy import ClientProxy, LocalClient
 from .replica import Replica
 
@@ -48,7 +49,7 @@ class MainServer:
     def __init__(self, model, tokenizer, method: Method, clients: list[Client], train_dataset, cfg, device="cpu",
                  transport=in_process, on_lost=None):
         self.model, self.tokenizer, self.method, self.clients = model, tokenizer, method, clients
-        self.data, self.cfg, self.device = train_dataset, cfg, device
+        self.data, self.cfg, self.device, self.lr = train_dataset, cfg, device, cfg.lr
         self.config = unwrap(model).config
         self.dims, self.L = Dims.of(self.config), num_blocks(self.config)
         self.p = dtype_bytes(next(model.parameters()).dtype)
@@ -220,7 +221,7 @@ class MainServer:
             changed = initial or (s, ranks) != (c.split_point, c.ranks)
             c.split_point, c.ranks = s, ranks
             if changed:
-                self._build_adapter(c)
+                self._replace_adapter(c.name, self.method.server.client_ranks(c.ranks, c.split_point))
         if self.method.server.shared:
             self._build_shared_server_adapter()
         budgets, present = self._state_for_trigger()
@@ -239,9 +240,6 @@ class MainServer:
         return Configure(c.split_point, self.device_ranks(c), self.generation,
                          rebuild=initial or before != (c.split_point, c.ranks), folded=bool(self.merges),
                          folds=folds, blocks=[self.replica.block_tensors(layer) for layer in grown])
-
-    def _build_adapter(self, c: Client) -> None:
-        self._replace_adapter(c.name, self.method.server.client_ranks(c.ranks, c.split_point))
 
     def _replace_adapter(self, name: str, ranks: dict[str, int]) -> None:
         self.server_opts.pop(name, None)
@@ -262,7 +260,7 @@ class MainServer:
             return None
         layers = None if key == SERVER_ADAPTER else range(self.clients_by_name[key].split_point, self.L)
         params = adapter_parameters(self.pm, key, layers)
-        return torch.optim.AdamW(params, lr=self.cfg.lr) if params else None
+        return torch.optim.AdamW(params, lr=self.lr) if params else None
 
     def forget(self, adapter: str, matrix: str) -> None:
         """Adapter `adapter` restarted on `matrix`: its server-side optimizer state there starts afresh."""
@@ -366,7 +364,7 @@ class MainServer:
             if not self.method.splits:
                 loss = self.ask(c, "unsplit_step")
                 if loss is not None:
-                    losses.append(float(loss))
+                    losses.append(finite(self, float(loss), "the training loss", c))
                     step_bytes[c.name] = 0
                 continue
             up = self.ask(c, "forward")
@@ -376,8 +374,8 @@ class MainServer:
             with self.serving(c):
                 loss, grad = server_update(ServerPart(self.pm, c.split_point), smashed, mask, labels,
                                            self.server_optimizer(c))
+            losses.append(finite(self, loss.item(), "the training loss", c))
             self.ask(c, "backward", grad)
-            losses.append(loss.item())
             b = {"smashed_up": nbytes(smashed, mask, labels), "grad_down": nbytes(grad)}
             for kind, v in b.items():
                 ledger.add(c.name, kind, v)
