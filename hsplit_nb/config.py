@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import numbers
 from pathlib import Path
 from typing import Annotated, Literal, Union
@@ -372,11 +373,11 @@ def _check_model_fit(cfg: ExperimentConfig) -> None:
             _bad("split_points", s, f"integers in [1, {n_blocks - 1}] for {cfg.model!r} ({n_blocks} blocks)")
     scale = cfg.budget_scale(config)
     need = smallest_budget(config, cfg.batch_size, cfg.seq_len, min(r for r in cfg.rank_levels if r), cfg.headroom)
-    unit = "bytes" if cfg.budget_unit == "bytes" else "x the model's weight bytes"
+    least = f"{math.ceil(need)} bytes" if cfg.budget_unit == "bytes" else f"{need / scale:.6g} x the model's weight bytes"
     places = [(f"budgets[{k}]", b) for k, b in enumerate(cfg.budgets)] + \
         [(f"events[{i}].memory", e.memory) for i, e in enumerate(cfg.events) if e.type == "budget"]
     for where, b in places:
         if b * scale < need:
-            _bad(where, b, f"at least {need / scale:.6g} {unit}: the smallest split configuration of "
+            _bad(where, b, f"at least {least}: the smallest split configuration of "
                            f"{cfg.model!r} (split point 1, one adapter at the lowest rank, batch {cfg.batch_size} x "
                            f"{cfg.seq_len} tokens, headroom {cfg.headroom})")

@@ -17,6 +17,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from ..config import ExperimentConfig
+from ..runfolder import RunFolder
 from .entry import DONE_FILE, PROGRESS_FILE, parse_kill
 from .report import wire_bytes
 from .worker import SERVER
@@ -89,6 +90,7 @@ def launch(config, out, methods=None, *, step_timeout: float = 300.0, idle_timeo
     if methods is not None:
         cfg = cfg.replace(methods=list(methods))
     _check(cfg, kill, {"step_timeout": step_timeout, "idle_timeout": idle_timeout, "init_timeout": init_timeout})
+    RunFolder(out, cfg).check()  # before any process starts: a folder of another setting is refused here
     if str(cfg.model) == "smollm2-135m":
         from ..models import ensure_smollm2_cache
 

@@ -21,5 +21,4 @@ def finite(owner, value: float, what: str, client=None, step=None) -> float:
     where = [f"round {owner.round}"] + ([f"local step {step}"] if step else []) + \
         ([f"client {getattr(client, 'name', client)}"] if client is not None else [])
     raise Diverged(f"{owner.method.name} diverged in {', '.join(where)}: {what} is {value}. The likely cause is "
-                   f"the learning rate ({owner.lr:g}); try a smaller one. The last finite round is kept as the "
-                   "resume point.")
+                   f"the learning rate ({owner.lr:g}); try a smaller one. No non-finite state was saved.")
