@@ -73,22 +73,25 @@ class RunFolder:
         except (ConfigError, FileFormatError) as exc:
             raise RunFolderError(f"{self.path} holds results whose config.json cannot be read ({exc}); "
                                  "choose another output folder") from None
-        changed = config_differences(previous, self.cfg)
-        changed += self._data_differences()
+        data_changes, known = self._data_differences()
+        changed = [d for d in config_differences(previous, self.cfg)  # the same files under another path are fine
+                   if not (d.startswith("data:") and known and not data_changes and "builtin" not in d)]
+        changed += data_changes
         if changed:
             raise RunFolderError(f"{self.path} holds results of a different setting ({'; '.join(changed)}); "
                                  "resume with the same config and data, or choose another output folder")
         self._methods_before = previous.methods
         self.record()  # training went on here before: the method list grows, the fingerprint is kept current
 
-    def _data_differences(self) -> list[str]:
+    def _data_differences(self) -> tuple[list[str], bool]:
+        """What changed in the data files, and whether the folder knew their hashes at all."""
         path = self.path / "fingerprint.json"
         if not path.is_file():  # a folder from before fingerprints: its data is recorded from now on
-            return []
+            return [], False
         before = read_mapping(path, "run fingerprint").get("data_files", {})
         names = sorted(set(before) | set(self.hashes))
         return [f"data file {n} changed" if n in before and n in self.hashes else f"data file {n} added or removed"
-                for n in names if before.get(n) != self.hashes.get(n)]
+                for n in names if before.get(n) != self.hashes.get(n)], True
 
     def record(self) -> None:
         """Training starts: write config.json (methods so far and now) and the data fingerprint."""

@@ -36,6 +36,11 @@ def check_split_point(split_point, n_blocks: int) -> int:
     return int(split_point)
 
 
+def _check_mask(mask: torch.Tensor | None, shape) -> None:
+    if mask is not None and mask.numel() != shape[0] * shape[1]:
+        raise ValueError(f"attention_mask must have shape {tuple(shape)} (batch, seq), got {tuple(mask.shape)}")
+
+
 def _positions(hidden: torch.Tensor) -> torch.Tensor:
     # The same default as the unsplit HF forward: 0..T-1 for every row (batches are right-padded).
     return torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
@@ -75,6 +80,10 @@ class ClientPart(_Part):
         self.embeddings = nn.ModuleList([hf.get_submodule(path) for path in self.arch.embeddings])
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if input_ids.dim() != 2 or input_ids.is_floating_point():
+            raise ValueError(f"input_ids must be integer token ids of shape (batch, seq), got {input_ids.dtype} "
+                             f"{tuple(input_ids.shape)}")
+        _check_mask(attention_mask, input_ids.shape)
         return self.run_blocks(self.arch.embed(self.embeddings, input_ids, _positions(input_ids)), attention_mask)
 
 
@@ -92,6 +101,13 @@ class ServerPart(_Part):
 
     def forward(self, smashed: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None) -> CausalLMOutput:
+        d = hidden_size(self.config)
+        if smashed.dim() != 3 or smashed.shape[-1] != d:
+            raise ValueError(f"smashed data must have shape (batch, seq, {d}) at split point {self.split_point}, "
+                             f"got {tuple(smashed.shape)}")
+        _check_mask(attention_mask, smashed.shape[:2])
+        if labels is not None and tuple(labels.shape) != tuple(smashed.shape[:2]):
+            raise ValueError(f"labels must have shape {tuple(smashed.shape[:2])}, got {tuple(labels.shape)}")
         logits = self.lm_head(self.norm(self.run_blocks(smashed, attention_mask)))
         loss = None
         if labels is not None:

@@ -6,6 +6,7 @@ Extend a table in one line: (case, input, pattern the error must match, or None 
 import json
 import math
 import re
+import shutil
 import time
 
 import numpy as np
@@ -174,6 +175,9 @@ API = [
     ("NAA naming matrix and client", lambda: get_aggregator("naa")([_factors(2), _factors(2, d_in=6)], [1, 1], ["c0", "c1"], "model.layers.0.self_attn.q_proj"), r"naa on model\.layers\.0\.self_attn\.q_proj, c1: d_out x d_in"),
     ("a numpy split point", lambda: split_model(tiny_model("llama")[0], np.int64(2)), None),
     ("a fractional split point", lambda: split_model(tiny_model("llama")[0], 2.5), r"split_point must be an integer in \[1, 3\] for a 4-block model, got 2\.5"),
+    ("smashed data of the wrong width", lambda: split_model(tiny_model("llama")[0], 2)[1](torch.zeros(2, 5, 7)), r"smashed data must have shape \(batch, seq, 32\) at split point 2, got \(2, 5, 7\)"),
+    ("a mask that does not fit the batch", lambda: split_model(tiny_model("llama")[0], 2)[0](torch.ones(2, 5, dtype=torch.long), torch.ones(2, 4)), r"attention_mask must have shape \(2, 5\)"),
+    ("float token ids", lambda: split_model(tiny_model("gpt2")[0], 2)[0](torch.zeros(2, 5)), r"input_ids must be integer token ids of shape \(batch, seq\), got torch.float32 \(2, 5\)"),
     ("a quickstart with no steps", lambda: QuickstartConfig(steps=0), r"'steps': 0 is not allowed; input should be greater than or equal to 1"),
     ("an unknown model, refused at once", lambda: model_config("no-such-org/no-such-model"), r"could not load model 'no-such-org/no-such-model': it is not a known name"),
 ]
@@ -244,10 +248,12 @@ def test_a_resume_with_changed_data_is_refused_naming_the_file(tmp_path):
     with pytest.raises(_Stop):
         run_experiment(cfg, out_dir=tmp_path / "out", progress=False, on_round=_stop_after_round_1)
     assert (tmp_path / "out" / "checkpoints" / "hsplitlora-no-iwi.pt").is_file()
+    copy = shutil.copytree(data, tmp_path / "elsewhere")  # the same files under another path resume
+    assert run_experiment(cfg.replace(data=str(copy)), out_dir=tmp_path / "out", progress=False)["round"].max() == 2
     _e2e_folder(data, dev_rows=40)
-    with pytest.raises(RunFolderError, match=r"different setting \(data file devset\.csv changed\)"):
+    with pytest.raises(RunFolderError, match=r"different setting \(data: '.*elsewhere' -> '.*e2e'; data file devset\.csv changed\)"):
         run_experiment(cfg, out_dir=tmp_path / "out", progress=False)
-    with pytest.raises(RunFolderError, match=r"different setting \(lr: 0\.003 -> 0\.01; data file devset\.csv changed\)"):
+    with pytest.raises(RunFolderError, match=r"different setting \(data: .*; lr: 0\.003 -> 0\.01; data file devset\.csv changed\)"):
         run_experiment(cfg.replace(lr=0.01), out_dir=tmp_path / "out", progress=False)
 
 
