@@ -132,15 +132,25 @@ def _check_pairs(hypotheses, references):
             raise ValueError(f"output {i} has no references")
 
 
+def ptb_tokenize(groups: list[list[str]]) -> list[list[str]]:
+    """Every string through the PTB tokenizer exactly as COCOEvalCap calls it (Stanford CoreNLP 3.4.1, lowercased,
+    one line per string, punctuation tokens removed), grouped as given."""
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    out = PTBTokenizer().tokenize({i: [{"caption": t} for t in texts] for i, texts in enumerate(groups)})
+    return [out[i] for i in range(len(groups))]
+
+
 def coco_metrics(hypotheses: list[str], references: list[list[str]]) -> dict[str, float]:
-    """METEOR (Java), ROUGE-L and CIDEr from pycocoevalcap, on mteval-tokenised, lowercased text."""
+    """METEOR (Java), ROUGE-L and CIDEr as the official E2E script computes them: COCOEvalCap's PTB tokenizer
+    on both sides, then pycocoevalcap's scorers."""
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.meteor.meteor import Meteor
     from pycocoevalcap.rouge.rouge import Rouge
 
     _check_pairs(hypotheses, references)
-    res = {i: [" ".join(mteval_tokenize(h))] for i, h in enumerate(hypotheses)}
-    gts = {i: [" ".join(mteval_tokenize(r)) for r in refs] for i, refs in enumerate(references)}
+    gts = dict(enumerate(ptb_tokenize(references)))
+    res = dict(enumerate(ptb_tokenize([[h] for h in hypotheses])))
     m, _ = Meteor().compute_score(gts, res)  # the Java process ends with the object
     r, _ = Rouge().compute_score(gts, res)
     c, _ = Cider().compute_score(gts, res)

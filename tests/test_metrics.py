@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from hsplit_nb.metrics import bleu, e2e_metrics, generate, mteval_tokenize, nist, perplexity, token_nll
+from hsplit_nb.metrics import bleu, e2e_metrics, generate, mteval_tokenize, nist, perplexity, ptb_tokenize, token_nll
 from hsplit_nb.models import tiny_model
 
 HYPS = ["The cat sat on the mat.", "A dog is here."]
@@ -53,6 +53,31 @@ def test_e2e_metrics_perfect_and_poor_outputs():
     assert perfect["BLEU"] == pytest.approx(1.0) and perfect["ROUGE_L"] == pytest.approx(1.0)
     for k in perfect:
         assert perfect[k] > poor[k], k
+
+
+# Four outputs with punctuation, a currency sign and 2-3 references each. The expected figures are what the
+# official e2e-metrics script (tuetschek/e2e-metrics, `measure_scores.py -p`) prints for the same files.
+OFFICIAL_HYPS = ["The Eagle is a cheap coffee shop near Burger King.",
+                 "Zizzi is a pub with a rating of 5 out of 5, it's not family-friendly.",
+                 "Near the river, The Mill serves French food for \u00a320-25.",
+                 "Cotto is a coffee shop."]
+OFFICIAL_REFS = [["The Eagle, a cheap coffee shop, is near Burger King.",
+                  "Near Burger King is The Eagle, a coffee shop with low prices."],
+                 ["Zizzi is a highly rated pub; it is not family friendly.",
+                  "Zizzi, a pub rated 5 out of 5, is not for families.", "A pub named Zizzi has a 5 star rating."],
+                 ["The Mill, by the river, serves French food at \u00a320-25.",
+                  "French food at The Mill costs \u00a320-25 and it is near the river."],
+                 ["Cotto is a coffee shop.", "There is a coffee shop called Cotto."]]
+OFFICIAL_SCORES = {"BLEU": 0.4718, "NIST": 5.3581, "METEOR": 0.4587, "ROUGE_L": 0.7807, "CIDEr": 3.9300}
+
+
+def test_e2e_metrics_equal_the_official_script():
+    ours = e2e_metrics(OFFICIAL_HYPS, OFFICIAL_REFS)
+    assert {k: round(v, 4) for k, v in ours.items()} == OFFICIAL_SCORES
+    # METEOR, ROUGE-L and CIDEr see PTB tokens: lowercased, punctuation dropped, the pound sign as PTB writes it
+    assert ptb_tokenize([[OFFICIAL_HYPS[1], OFFICIAL_REFS[2][0]]]) == [[
+        "zizzi is a pub with a rating of 5 out of 5 it 's not family-friendly",
+        "the mill by the river serves french food at # 20-25"]]
 
 
 def test_perplexity_counts_reference_tokens_only(batch, tiny):
