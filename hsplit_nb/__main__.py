@@ -91,6 +91,9 @@ def _parser() -> argparse.ArgumentParser:
     _add_quickstart(sub)
     _add_experiment(sub, "run", "run an experiment from a JSON or YAML config", "results/experiment")
     _add_distributed(sub)
+    again = sub.add_parser("rescore", parents=[_COMMON],
+                           help="score a results folder's finished methods again from their stored outputs")
+    again.add_argument("--out", required=True, help="the results folder")
     paper = sub.add_parser("plan-paper", parents=[_COMMON],
                            help="ARMSC plans for LLaMA-2-7B and GPT-2-L at 5-20 GB (no weights)")
     paper.add_argument("--batch-size", type=_positive_int, default=8)
@@ -125,6 +128,14 @@ def _run(args) -> int:
     if not metrics.empty:
         print(metrics.drop(columns=["outputs"]).round(4).to_string(index=False))
     print(f"results in {args.out}/")
+    return 0
+
+
+def _rescore(args) -> int:
+    from .experiment import rescore
+
+    df = rescore(args.out)
+    print(df.attrs["metrics"].drop(columns=["outputs"], errors="ignore").round(4).to_string(index=False))
     return 0
 
 
@@ -173,7 +184,7 @@ def _quickstart(args) -> int:
     return 0
 
 
-COMMANDS = {"make-data": _make_data, "run": _run, "distributed": _distributed, "plan-paper": _plan_paper,
+COMMANDS = {"make-data": _make_data, "run": _run, "rescore": _rescore, "distributed": _distributed, "plan-paper": _plan_paper,
             "reproduce": _reproduce, "quickstart": _quickstart}
 
 

@@ -7,6 +7,7 @@ numbers as an uninterrupted run.
 """
 from __future__ import annotations
 
+import io
 import json
 import random
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from .costs import ClientSpec
 from .data import E2EDataset, group_references, load_builtin, load_e2e, loader, partition
 from .federation import Client, Diverged, NoClientFits, federation, in_process  # noqa: F401  (Diverged re-exported)
 from .federation.divergence import finite
-from .io import atomic_write_bytes
+from .io import atomic_write_bytes, atomic_write_text
 from .methods import get_method
 from .metrics import e2e_metrics, generate
 from .models import load_model
@@ -152,8 +153,6 @@ def _read_checkpoint(path: Path, method: str) -> dict:
 
 
 def _to_bytes(obj) -> bytes:
-    import io
-
     buf = io.BytesIO()
     torch.save(obj, buf)
     return buf.getvalue()
@@ -211,6 +210,21 @@ def run_experiment(config: ExperimentConfig, methods=None, out_dir=None, progres
         del run
     bar.close()
     return _finish(folder, rows, client_rows, metrics)
+
+
+def rescore(out_dir) -> pd.DataFrame:
+    """Score a folder's finished methods again from their stored outputs (after a metrics change, so that one
+    folder never mixes two scorers), then rewrite its tables and figures. Trains nothing."""
+    out = Path(out_dir)
+    cfg = ExperimentConfig.load(out / "config.json")
+    metrics = RunFolder(out, cfg).read()[2]
+    refs = list(load_splits(cfg).test["refs"])
+    for m in metrics:
+        if isinstance(m.get("outputs"), str):
+            m.update(e2e_metrics(json.loads(m["outputs"]), refs))
+    done = [m["method"] for m in metrics]
+    atomic_write_text(out / "metrics.csv", pd.DataFrame(metrics).to_csv(index=False))
+    return run_experiment(cfg, methods=done, out_dir=out, progress=False)
 
 
 def _finish(folder: RunFolder | None, rows, client_rows, metrics) -> pd.DataFrame:

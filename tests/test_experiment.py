@@ -7,6 +7,7 @@ import pytest
 from conftest import REPO, e2e_dir
 from hsplit_nb.__main__ import main
 from hsplit_nb.experiment import ExperimentConfig, load_splits, run_experiment
+from hsplit_nb.metrics import e2e_metrics
 
 
 def test_config_round_trips_through_json_and_yaml(tmp_path):
@@ -46,3 +47,20 @@ def test_cli_runs_the_quick_config_on_e2e_data(tmp_path, capsys):
     for f in ("ppl_rounds.png", "ppl_time.png", "bytes_per_round.png"):
         assert (out / f).stat().st_size > 1000
     assert "results in" in capsys.readouterr().out
+
+
+def test_rescore_scores_stored_outputs_again_and_trains_nothing(tmp_path, capsys):
+    cfg = ExperimentConfig.load(REPO / "configs" / "quick.yaml").replace(
+        rounds=1, local_steps=1, eval_mrs=2, num_beams=1, max_new_tokens=6, events=[])
+    out = tmp_path / "out"
+    run_experiment(cfg, ["cenlora"], out_dir=out, progress=False)
+    metrics = pd.read_csv(out / "metrics.csv")
+    expected = e2e_metrics(json.loads(metrics.loc[0, "outputs"]), list(load_splits(cfg).test["refs"]))
+    metrics["CIDEr"] = -1.0  # as if scored by an older scorer
+    metrics.to_csv(out / "metrics.csv", index=False)
+    before = pd.read_csv(out / "results.csv")
+    assert main(["rescore", "--out", str(out)]) == 0
+    after = pd.read_csv(out / "results.csv")
+    assert pd.read_csv(out / "metrics.csv").loc[0, "CIDEr"] == pytest.approx(expected["CIDEr"], abs=1e-12)
+    assert after["CIDEr"].iloc[-1] == pytest.approx(expected["CIDEr"], abs=1e-12)
+    pd.testing.assert_series_equal(after["val_ppl"], before["val_ppl"])  # nothing trained again
