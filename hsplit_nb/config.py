@@ -265,7 +265,8 @@ def preset(name: str, **overrides) -> ExperimentConfig:
 
 
 def _bad(field_name, value, allowed):
-    raise ValueError(f"config field {field_name!r}: {value!r} is not allowed; {allowed}")
+    """Raise the one-line error; inside a validator pydantic catches it (a ValueError) and `describe` keeps it."""
+    raise ConfigError(f"config field {field_name!r}: {value!r} is not allowed; {allowed}")
 
 
 def _loc(parts) -> str:
