@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Annotated, Literal, Union
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .costs import DEFAULT_BANDWIDTH, weight_bytes
 from .data import E2E_ATTRIBUTES
@@ -59,6 +59,18 @@ def _client_ref(v):
     raise ValueError("a client name such as 'c0', or a client index")
 
 
+def device_name(name: str) -> str:
+    """A name torch can parse as a device (availability is `check_device`'s question)."""
+    import torch
+
+    try:
+        torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError("a torch device such as 'cpu', 'cuda' or 'cuda:0'") from None
+    return name
+
+
+Device = Annotated[str, AfterValidator(device_name)]  # parsed here; availability in validate()
 ClientRef = Annotated[Union[str, int], Field(union_mode="left_to_right"), BeforeValidator(_client_ref)]
 
 
@@ -132,7 +144,7 @@ class ExperimentConfig(TypedConfig):
     final_metrics: Annotated[bool, Field(strict=True)] = True
     events: list[Event] = Field(default_factory=list)
     methods: Annotated[list[str], Field(min_length=1)] = Field(default_factory=lambda: PAPER_METHODS + ABLATIONS)
-    device: str = "cpu"
+    device: Device = "cpu"
 
     @field_validator("methods")
     @classmethod
@@ -159,10 +171,6 @@ class ExperimentConfig(TypedConfig):
                              f"importance distributions, which is never above {MAX_L1_SHIFT:g}")
         return delta
 
-    @field_validator("device")
-    @classmethod
-    def _device_name(cls, name):
-        return device_name(name)
 
     @model_validator(mode="after")
     def _per_client_lists(self):
@@ -331,17 +339,6 @@ def _check_data(cfg: ExperimentConfig) -> None:
     for f in ("devset.csv", "testset_w_refs.csv"):
         if not (d / f).is_file():
             _bad("data", cfg.data, f"the folder lacks {f}")
-
-
-def device_name(name: str) -> str:
-    """A name torch can parse as a device (availability is `check_device`'s question)."""
-    import torch
-
-    try:
-        torch.device(name)
-    except (RuntimeError, ValueError):
-        raise ValueError("a torch device such as 'cpu', 'cuda' or 'cuda:0'") from None
-    return name
 
 
 def check_device(name: str) -> None:

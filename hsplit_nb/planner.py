@@ -16,7 +16,8 @@ import torch
 from .adapters import Matrix, candidate_matrices, layer_of  # noqa: F401  (layer_of re-exported)
 from .architectures import num_blocks
 from .costs import (  # noqa: F401  (re-exported: the cost models used to live here)
-    RoundCosts, aggregation_bytes, round_seconds, ADAPTER_COPIES_BYTES, DEFAULT_BANDWIDTH, FLOPS_PER_BUDGET_BYTE, ClientSpec, Dims, ClientMemory, activation_bytes,
+    ADAPTER_COPIES_BYTES, DEFAULT_BANDWIDTH, FLOPS_PER_BUDGET_BYTE, ClientMemory, ClientSpec, Dims, RoundCosts,
+    activation_bytes, aggregation_bytes, round_seconds,
     adapter_bytes, block_flops, client_memory, default_server_speed, dtype_bytes, head_flops, measure_client_memory,
     smashed_bytes, step_latency, weight_bytes,
 )
@@ -373,6 +374,3 @@ def whole_model_bytes(config, ranks: dict[str, int], batch_size: int, seq_len: i
     dims, p = Dims.of(config), dtype_bytes(dtype)
     return weight_bytes(config, p) + adapter_bytes(config, ranks) + \
         activation_bytes(config, dims.n_layers, ranks, batch_size, seq_len, p) + batch_size * seq_len * dims.vocab * 4
-
-
-# ---- paper scale --------------------------------------------------------------------------------

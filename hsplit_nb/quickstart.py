@@ -9,10 +9,10 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from .adapters import add_adapters
-from .config import Int, Positive, PositiveInt, TypedConfig, check_device, device_name
+from .config import Device, Int, Positive, PositiveInt, TypedConfig, check_device
 from .data import E2EDataset, load_builtin, loader
 from .federation import Diverged
 from .io import atomic_write_json, atomic_write_text
@@ -33,12 +33,7 @@ class QuickstartConfig(TypedConfig):
     lr: Positive = 1e-3
     eval_examples: PositiveInt = 128
     seed: Int = Field(0, ge=0)
-    device: str = "cpu"
-
-    @field_validator("device")
-    @classmethod
-    def _device_name(cls, name):
-        return device_name(name)
+    device: Device = "cpu"
 
 
 def _trainable(module) -> list[torch.nn.Parameter]:
