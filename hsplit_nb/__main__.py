@@ -84,6 +84,19 @@ def _add_distributed(sub) -> None:
     dst.add_argument("--port", type=int, default=None, help="rendezvous port on 127.0.0.1 (default: a free one)")
 
 
+def _add_compare(sub) -> None:
+    cmp = sub.add_parser("compare", parents=[_COMMON],
+                         help="methods x settings x seeds, each run in its own resumable folder, then the report")
+    cmp.add_argument("--config", default="configs/comparison.yaml", help="ComparisonConfig as .yaml or .json")
+    cmp.add_argument("--data", type=_data_arg, help="'builtin' or a folder with devset.csv and testset_w_refs.csv")
+    cmp.add_argument("--settings", nargs="+", help="only these settings")
+    cmp.add_argument("--methods", nargs="+", help="only these methods")
+    cmp.add_argument("--seeds", nargs="+", type=int, help="only these seeds")
+    cmp.add_argument("--out", default="results/comparison", help="one folder per (setting, method, seed) in here")
+    cmp.add_argument("--report", default=None, help="folder for the merged tables and figures (default: --out)")
+    cmp.add_argument("--report-only", action="store_true", help="train nothing: merge what is finished")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m hsplit_nb", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -91,6 +104,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_quickstart(sub)
     _add_experiment(sub, "run", "run an experiment from a JSON or YAML config", "results/experiment")
     _add_distributed(sub)
+    _add_compare(sub)
     again = sub.add_parser("rescore", parents=[_COMMON],
                            help="score a results folder's finished methods again from their stored outputs")
     again.add_argument("--out", required=True, help="the results folder")
@@ -128,6 +142,24 @@ def _run(args) -> int:
     if not metrics.empty:
         print(metrics.drop(columns=["outputs"]).round(4).to_string(index=False))
     print(f"results in {args.out}/")
+    return 0
+
+
+def _compare(args) -> int:
+    from .comparison import ComparisonConfig, run_comparison, write_report
+
+    ccfg = ComparisonConfig.load(args.config)
+    if not args.report_only:
+        run_comparison(ccfg, args.out, args.settings, args.methods, args.seeds, data=args.data)
+    tables = write_report(ccfg, args.out, args.report or args.out)
+    runs = tables["runs" if "runs" in tables else "comparison"]
+    if runs.empty:
+        print("no finished run yet")
+        return 0
+    cols = [c for c in ("setting", "method", "seeds", "final_ppl_mean", "final_ppl_std", "time_to_t50_s_mean",
+                        "reached_t50", "BLEU_mean") if c in tables["comparison_summary"]]
+    print(tables["comparison_summary"][cols].round(4).to_string(index=False))
+    print(f"{len(runs)} runs; tables and figures in {args.report or args.out}/")
     return 0
 
 
@@ -184,8 +216,8 @@ def _quickstart(args) -> int:
     return 0
 
 
-COMMANDS = {"make-data": _make_data, "run": _run, "rescore": _rescore, "distributed": _distributed, "plan-paper": _plan_paper,
-            "reproduce": _reproduce, "quickstart": _quickstart}
+COMMANDS = {"make-data": _make_data, "run": _run, "compare": _compare, "rescore": _rescore,
+            "distributed": _distributed, "plan-paper": _plan_paper, "reproduce": _reproduce, "quickstart": _quickstart}
 
 
 def _error_log(args, exc: BaseException) -> Path | None:

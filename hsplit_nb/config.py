@@ -136,6 +136,7 @@ class ExperimentConfig(TypedConfig):
     delta: Positive = 0.1  # an L1 shift of importance (at most 2)
     gamma: Fraction = 0.9  # HetLoRA's regulariser keeps the first ceil(gamma r) rank components free
     seed: NonNegativeInt = 0
+    eval_seed: NonNegativeInt | None = None  # draws the validation hold-out and the test MRs (null: seed)
     val_fraction: Fraction = 0.1  # E2E folder: share of the development MRs held out for validation PPL
     val_examples: PositiveInt = 128
     eval_mrs: PositiveInt = 20

@@ -121,6 +121,14 @@ def smallest_budget(config, batch_size: int, seq_len: int, rank: int, headroom: 
     return client_memory(config, 1, {cheapest.name: rank}, batch_size, seq_len, dtype) / (1 - headroom)
 
 
+def uniform_budget(config, split_point: int, rank: int, batch_size: int, seq_len: int, headroom: float = 0.1,
+                   dtype=torch.float32) -> float:
+    """The least memory budget that holds blocks [0, split_point) with `rank` on every candidate matrix, plus the
+    planner's headroom: where a uniform configuration (SplitLoRA's) just fits."""
+    kinds = {m.kind: rank for m in candidate_matrices(config)}
+    return client_memory(config, split_point, kinds, batch_size, seq_len, dtype) / (1 - headroom)
+
+
 def measure_client_memory(model, split_point: int, batch: dict) -> dict[str, int]:
     """Measured bytes of the same four parts on a real client forward, backward and Adam step.
 

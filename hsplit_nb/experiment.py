@@ -40,8 +40,10 @@ class Splits:
 
 
 def load_splits(cfg: ExperimentConfig) -> Splits:
-    """Training pool, validation rows and test MRs with grouped references."""
-    rng = np.random.default_rng(cfg.seed)
+    """Training pool, validation rows and test MRs with grouped references, drawn with `eval_seed` (default: the
+    run's seed), so that runs of several seeds can be scored on the same MRs."""
+    seed = cfg.seed if cfg.eval_seed is None else cfg.eval_seed
+    rng = np.random.default_rng(seed)
     if cfg.data == "builtin":
         train, val, test = load_builtin("train"), load_builtin("dev"), group_references(load_builtin("test"))
     else:
@@ -51,8 +53,8 @@ def load_splits(cfg: ExperimentConfig) -> Splits:
         held = set(rng.choice(mrs, size=max(1, round(cfg.val_fraction * len(mrs))), replace=False))
         train, val = dev[~dev["mr"].isin(held)], dev[dev["mr"].isin(held)]
         test = group_references(load_e2e(d / "testset_w_refs.csv"))
-    val = val.sample(n=min(cfg.val_examples, len(val)), random_state=cfg.seed).sort_index()
-    test = test.sample(n=min(cfg.eval_mrs, len(test)), random_state=cfg.seed).sort_index()
+    val = val.sample(n=min(cfg.val_examples, len(val)), random_state=seed).sort_index()
+    test = test.sample(n=min(cfg.eval_mrs, len(test)), random_state=seed).sort_index()
     return Splits(train.reset_index(drop=True), val.reset_index(drop=True), test.reset_index(drop=True))
 
 
@@ -159,14 +161,15 @@ def _to_bytes(obj) -> bytes:
 
 
 def run_experiment(config: ExperimentConfig, methods=None, out_dir=None, progress: bool = True,
-                   on_round=None, transport=in_process, on_lost=None) -> pd.DataFrame:
+                   on_round=None, transport=in_process, on_lost=None, figures: bool = True) -> pd.DataFrame:
     """Run `methods` (default: the config's) and return one row per method and round.
 
     With `out_dir`, results.csv, clients.csv, metrics.csv, config.json, fingerprint.json and figures are written
     (atomically), and a stopped run resumes from its checkpoints when started again with the same config and
     data. A method that diverges stops the run with `Diverged`: no NaN is checkpointed, scored or drawn.
     `transport` gives the main server its client proxies (in-process by default; the multi-process runner
-    passes remote clients), and `on_lost(method, client, reason)` hears of clients lost mid-run.
+    passes remote clients), and `on_lost(method, client, reason)` hears of clients lost mid-run. `figures=False`
+    writes the tables only (a comparison draws its own figures over many folders).
     """
     cfg = config.replace(methods=list(methods)) if methods is not None else config
     cfg.validate()
@@ -209,7 +212,7 @@ def run_experiment(config: ExperimentConfig, methods=None, out_dir=None, progres
             run.checkpoint.unlink()
         del run
     bar.close()
-    return _finish(folder, rows, client_rows, metrics)
+    return _finish(folder, rows, client_rows, metrics, figures)
 
 
 def rescore(out_dir) -> pd.DataFrame:
@@ -227,7 +230,7 @@ def rescore(out_dir) -> pd.DataFrame:
     return run_experiment(cfg, methods=done, out_dir=out, progress=False)
 
 
-def _finish(folder: RunFolder | None, rows, client_rows, metrics) -> pd.DataFrame:
+def _finish(folder: RunFolder | None, rows, client_rows, metrics, figures: bool = True) -> pd.DataFrame:
     """The results table with the final evaluation joined to each method's last round; figures when saved."""
     df = pd.DataFrame(rows)
     if metrics and not df.empty:
@@ -238,7 +241,7 @@ def _finish(folder: RunFolder | None, rows, client_rows, metrics) -> pd.DataFram
         df.loc[~last.values, [c for c in scores.columns if c != "method"]] = float("nan")
         if folder is not None:
             folder.write(df.to_dict("records"), client_rows, metrics)
-    if folder is not None and not df.empty:
+    if folder is not None and not df.empty and figures:
         save_figures(df, folder.path)
     df.attrs["metrics"] = pd.DataFrame(metrics)
     df.attrs["clients"] = pd.DataFrame(client_rows)

@@ -5,6 +5,7 @@ import os
 from pathlib import Path
 
 from .io import atomic_write_text
+from .plots import save_figure  # noqa: F401  (the notebooks' import)
 
 
 def quick_mode() -> bool:
@@ -23,15 +24,6 @@ def output_dir(path) -> Path:
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     return out
-
-
-def save_figure(fig, out_dir, name: str) -> Path:
-    """Write a figure as PNG (atomically) and return its path."""
-    path = output_dir(out_dir) / f"{name}.png"
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    tmp.replace(path)
-    return path
 
 
 def save_table(df, out_dir, name: str) -> Path:

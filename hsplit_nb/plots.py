@@ -58,6 +58,17 @@ def plot_bytes(df: pd.DataFrame, ax=None):
 FIGURES = {"ppl_rounds.png": plot_ppl_rounds, "ppl_time.png": plot_ppl_time, "bytes_per_round.png": plot_bytes}
 
 
+def save_figure(fig, out_dir, name: str) -> Path:
+    """Write a figure as PNG (atomically) and return its path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}.png"
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    tmp.replace(path)
+    return path
+
+
 def save_figures(df: pd.DataFrame, out_dir) -> list[Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -143,4 +154,53 @@ def plot_wire_bytes(table: pd.DataFrame, ax=None):
     ax.set(ylabel="MB (all clients, all rounds)", title="Bytes per kind: multi-process run vs simulation")
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=8)
+    return ax.figure
+
+
+# ---- a comparison over seeds ---------------------------------------------------------------------------------
+
+def plot_curves_with_spread(curves: pd.DataFrame, setting: str, x: str = "round", methods=None, ax=None):
+    """Validation PPL against rounds (or simulated time) in one setting: the mean over seeds, with a band from
+    the lowest to the highest seed (one seed: a line alone)."""
+    ax = ax or plt.subplots(figsize=(7, 4.5))[1]
+    part = curves[curves["setting"] == setting]
+    for name in methods or part["method"].unique():
+        m = part[part["method"] == name]
+        if m.empty:
+            continue
+        by = m.groupby("round")
+        xs, ppl = by[x].mean(), by["val_ppl"]
+        line, = ax.plot(xs, ppl.mean(), marker="o", ms=3, label=f"{name} ({m['seed'].nunique()} seeds)")
+        if m["seed"].nunique() > 1:
+            ax.fill_between(xs, ppl.min(), ppl.max(), color=line.get_color(), alpha=0.15)
+    ax.set_yscale("log")
+    ax.set(xlabel="round" if x == "round" else "simulated time (s)", ylabel="validation PPL (log scale)",
+           title=f"{setting}: mean over seeds, band = lowest to highest seed")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    return ax.figure
+
+
+def plot_summary_bars(summary: pd.DataFrame, column: str, ylabel: str, ax=None, log: bool = False):
+    """One bar per method and setting: the mean over seeds, error bars one standard deviation. A time to target
+    that no seed reached is drawn as no bar, with 'not reached' written in its place."""
+    ax = ax or plt.subplots(figsize=(10, 4.5))[1]
+    mean = summary.pivot(index="method", columns="setting", values=f"{column}_mean")
+    std = summary.pivot(index="method", columns="setting", values=f"{column}_std")
+    order = list(dict.fromkeys(summary["method"]))
+    ran = summary.pivot(index="method", columns="setting", values="seeds").reindex(order)
+    mean, std = mean.reindex(order), std.reindex(order).fillna(0)
+    mean.plot.bar(ax=ax, yerr=std, rot=30, capsize=2, logy=log)
+    width = 0.8 / max(1, mean.shape[1])
+    for j, setting in enumerate(mean.columns):
+        for i, (v, n) in enumerate(zip(mean[setting], ran[setting])):
+            if pd.isna(v) and not pd.isna(n):
+                ax.text(i - 0.4 + width * (j + 0.5), ax.get_ylim()[0], "not reached", rotation=90, fontsize=6,
+                        ha="center", va="bottom")
+    for label in ax.get_xticklabels():
+        label.set_ha("right")
+    ax.set(xlabel="", ylabel=ylabel)
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8, title="setting")
+    ax.figure.tight_layout()
     return ax.figure

@@ -13,7 +13,8 @@ FLOORS = [
     ("IWI, ARMSC and NAA, and their cost models", ["importance", "costs", "planner", "paper", "aggregation"]),
     ("the method table and the settings", ["methods", "config"]),
     ("federation", ["federation"]),
-    ("experiments and their figures", ["experiment", "runfolder", "plots", "quickstart"]),
+    ("experiments and their figures", ["experiment", "runfolder", "plots", "quickstart", "reporting",
+                                        "comparison"]),
     ("the multi-process runner", ["distributed"]),
     ("notebooks, widgets and the command line", ["notebook", "widgets", "reproduce", "__main__", "__init__"]),
 ]

@@ -1,0 +1,238 @@
+"""A comparison: methods x settings x seeds, each (setting, method, seed) run in its own resumable folder.
+
+The comparison config (configs/comparison.yaml) names a base preset, the fields every run shares, the
+settings (each a set of overrides, e.g. budgets) and the seeds; core methods run every seed, extras the
+`extra_seeds`. `run_comparison` runs what is selected and not yet finished, so a long comparison can be
+done in pieces and across sessions; `collect` merges every finished folder into tidy tables.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+import pandas as pd
+from pydantic import Field, model_validator
+from tqdm.auto import tqdm
+
+from .config import ExperimentConfig, NonNegativeInt, TypedConfig, _bad, preset
+from .io import atomic_write_json, read_mapping
+from .methods import METHODS
+from .reporting import METRICS, add_times_to_targets, targets
+from .runfolder import RunFolderError
+
+Seeds = Annotated[list[NonNegativeInt], Field(min_length=1)]
+
+
+class Setting(TypedConfig):
+    """One setting of the comparison: what it is for, its overrides of the shared fields, and its seeds."""
+    about: str = ""
+    overrides: dict[str, Any] = Field(default_factory=dict)
+    seeds: Seeds | None = None  # None: the comparison's seeds
+
+
+class ComparisonConfig(TypedConfig):
+    """Which methods run in which settings with which seeds, on one base preset."""
+    base: str = "cpu_scale"
+    common: dict[str, Any] = Field(default_factory=dict)  # fields every run shares (rounds, lr, eval_mrs, ...)
+    settings: Annotated[dict[str, Setting], Field(min_length=1)]
+    seeds: Seeds = Field(default_factory=lambda: [0, 1, 2])
+    core: Annotated[list[str], Field(min_length=1)]
+    extras: list[str] = Field(default_factory=list)
+    extra_seeds: Seeds = Field(default_factory=lambda: [0])
+
+    @model_validator(mode="after")
+    def _check(self):
+        for field in ("core", "extras"):
+            for m in getattr(self, field):
+                if m not in METHODS:
+                    _bad(field, m, f"a method, one of {', '.join(METHODS)}")
+        both = set(self.core) & set(self.extras)
+        if both:
+            _bad("extras", sorted(both), "methods that are not also in core")
+        for name in self.settings:
+            self.experiment(name, self.core[0], 0)  # every setting must make a valid experiment config
+        return self
+
+    @classmethod
+    def load(cls, path) -> "ComparisonConfig":
+        return cls(**read_mapping(path))
+
+    def experiment(self, setting: str, method: str, seed: int) -> ExperimentConfig:
+        """The experiment config of one run: base preset, common fields, the setting's overrides, seed."""
+        over = {**self.common, **self.settings[setting].overrides, "seed": seed, "methods": [method]}
+        try:
+            return preset(self.base, **over)
+        except ValueError as exc:
+            raise type(exc)(f"comparison setting {setting!r}: {exc}") from None
+
+    def seeds_of(self, setting: str, method: str) -> list[int]:
+        own = self.settings[setting].seeds
+        if method in self.extras:
+            return [s for s in self.extra_seeds if own is None or s in own]
+        return own if own is not None else self.seeds
+
+    def runs(self, settings=None, methods=None, seeds=None) -> list["RunSpec"]:
+        """Every (setting, method, seed) of the comparison, optionally only the selected ones."""
+        for field, chosen, known in (("settings", settings, self.settings), ("methods", methods,
+                                                                              self.core + self.extras)):
+            for x in chosen or []:
+                if x not in known:
+                    _bad(field, x, f"one of {', '.join(known)}")
+        out = []
+        for setting in self.settings:
+            for method in self.core + self.extras:
+                for seed in self.seeds_of(setting, method):
+                    if (settings and setting not in settings) or (methods and method not in methods) or \
+                            (seeds is not None and seed not in seeds):
+                        continue
+                    out.append(RunSpec(setting, method, seed, self.experiment(setting, method, seed)))
+        return out
+
+
+@dataclass
+class RunSpec:
+    setting: str
+    method: str
+    seed: int
+    cfg: ExperimentConfig
+
+    def folder(self, out) -> Path:
+        return Path(out) / self.setting / self.method / f"seed{self.seed}"
+
+
+ELAPSED = "elapsed.json"
+
+
+def _table(path: Path) -> pd.DataFrame:
+    try:
+        return pd.read_csv(path)
+    except FileNotFoundError:
+        return pd.DataFrame()
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise RunFolderError(f"{path} cannot be read as results ({' '.join(str(exc).split())[:200]}); delete the "
+                             "run's folder to run it again") from None
+
+
+def _final_metrics(spec: RunSpec, out) -> dict | None:
+    """The run's final metrics row (or its note that no client fits), or None while it is unfinished."""
+    metrics = _table(spec.folder(out) / "metrics.csv")
+    mine = metrics[metrics["method"] == spec.method] if "method" in metrics else metrics
+    return None if mine.empty else mine.iloc[0].to_dict()
+
+
+def finished(spec: RunSpec, out) -> bool:
+    return _final_metrics(spec, out) is not None
+
+
+def run_comparison(ccfg: ComparisonConfig, out, settings=None, methods=None, seeds=None, data=None,
+                   progress: bool = True) -> pd.DataFrame:
+    """Run the selected, unfinished runs of the comparison (each resumable in its own folder), then collect.
+    `data` overrides every run's data folder. The wall seconds spent on each run are added up in its
+    folder's elapsed.json, so the comparison's total time survives being run in pieces."""
+    from .experiment import run_experiment
+
+    specs = ccfg.runs(settings, methods, seeds)
+    if data is not None:
+        for s in specs:
+            s.cfg = s.cfg.replace(data=str(data))
+    todo = [s for s in specs if not finished(s, out)]
+    for spec in tqdm(todo, desc="runs", disable=not progress):
+        folder = spec.folder(out)
+        start = time.perf_counter()
+        try:
+            run_experiment(spec.cfg, out_dir=folder, progress=False, figures=False)
+        finally:
+            if folder.is_dir():
+                before = read_mapping(folder / ELAPSED).get("seconds", 0.0) if (folder / ELAPSED).is_file() else 0.0
+                atomic_write_json(folder / ELAPSED, {"seconds": before + time.perf_counter() - start})
+    return collect(ccfg, out)[1]
+
+
+def _read_run(spec: RunSpec, out) -> tuple[pd.DataFrame, dict] | None:
+    m = _final_metrics(spec, out)
+    if m is None:
+        return None
+    folder = spec.folder(out)
+    curve = _table(folder / "results.csv")
+    keys = {"setting": spec.setting, "method": spec.method, "seed": spec.seed}
+    if len(curve):
+        curve = curve[curve["method"] == spec.method].drop(columns=[k for k in METRICS if k in curve])
+        curve = curve.assign(**keys)[list(keys) + [c for c in curve.columns if c not in keys]]
+    elapsed = read_mapping(folder / ELAPSED).get("seconds") if (folder / ELAPSED).is_file() else None
+    return curve, {**keys, "m": m, "elapsed": elapsed}
+
+
+def _run_row(spec: RunSpec, curve: pd.DataFrame, info: dict) -> dict:
+    """One tidy row: final and best PPL, parameters, bytes, the five metrics and how many MRs they scored."""
+    m, central = info["m"], not METHODS[spec.method].federated
+    row = {"setting": spec.setting, "method": spec.method, "seed": spec.seed}
+    if not len(curve):  # no client could train this method at these budgets
+        return {**row, "note": m.get("note", ""), "eval_mrs": 0}
+    last = curve.sort_values("round").iloc[-1]
+    clients, server = int(last["trainable_client_params"]), int(last["trainable_server_params"])
+    row.update(final_ppl=float(last["val_ppl"]), best_ppl=float(curve["val_ppl"].min()), rounds=int(last["round"]),
+               sim_time_total_s=float(last["sim_time_s"]), wall_time_train_s=float(last["wall_time_s"]),
+               wall_time_run_s=info["elapsed"], bytes_total=float(curve["bytes_up"].sum() + curve["bytes_down"].sum()),
+               trainable_client_params=clients, trainable_server_params=server,
+               # what one device trains: a central method's whole set, had a device run it
+               trainable_per_client=(clients + server) if central else clients / spec.cfg.num_clients)
+    row.update({k: m.get(k, float("nan")) for k in METRICS})
+    row["eval_mrs"] = len(json.loads(m["outputs"])) if isinstance(m.get("outputs"), str) else 0
+    return row
+
+
+def collect(ccfg: ComparisonConfig, out) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """Every finished run of the comparison merged: (curves, runs, targets). `runs` has one row per
+    (setting, method, seed) with its time to each target of its setting (NaN: not reached)."""
+    curves, rows = [], []
+    for spec in ccfg.runs():
+        got = _read_run(spec, out)
+        if got is None:
+            continue
+        curve, info = got
+        curves.append(curve)
+        rows.append(_run_row(spec, curve, info))
+    curves = pd.concat(curves, ignore_index=True) if curves else pd.DataFrame(columns=["setting", "method", "seed"])
+    runs = pd.DataFrame(rows)
+    if runs.empty:
+        return curves, runs, pd.DataFrame()
+    goal = targets(curves, ccfg.core)
+    return curves, add_times_to_targets(runs, curves, goal) if len(goal) else runs, goal
+
+
+def write_report(ccfg: ComparisonConfig, out, dest) -> dict[str, pd.DataFrame]:
+    """Collect the finished runs and write the tidy tables and the figures with spreads to `dest`:
+    comparison.csv (one row per setting, method and seed), comparison_summary.csv (mean and standard deviation
+    over seeds), comparison_claims.csv (each of the paper's claims per setting), comparison_targets.csv, and
+    per setting comparison_<setting>_rounds.png / _time.png, plus comparison_final_ppl.png and
+    comparison_time_to_t50.png."""
+    import matplotlib.pyplot as plt
+
+    from .io import atomic_write_text
+    from .plots import plot_curves_with_spread, plot_summary_bars, save_figure
+    from .reporting import claims, summarize_runs
+
+    dest = Path(dest)
+    curves, runs, goal = collect(ccfg, out)
+    if runs.empty:
+        return {"runs": runs}
+    summary = summarize_runs(runs)
+    tables = {"comparison": runs, "comparison_summary": summary, "comparison_claims": claims(summary),
+              "comparison_targets": goal}
+    for name, df in tables.items():
+        atomic_write_text(dest / f"{name}.csv", df.to_csv(index=False))
+    for setting in runs["setting"].unique():
+        for x, tag in (("round", "rounds"), ("sim_time_s", "time")):
+            fig = plot_curves_with_spread(curves, setting, x)
+            save_figure(fig, dest, f"comparison_{setting}_{tag}")
+            plt.close(fig)
+    for column, label, tag in (("final_ppl", "final validation PPL", "final_ppl"),
+                               ("time_to_t50_s", "simulated s to the 50% target", "time_to_t50")):
+        if f"{column}_mean" in summary:
+            fig = plot_summary_bars(summary, column, label)
+            save_figure(fig, dest, f"comparison_{tag}")
+            plt.close(fig)
+    return tables

@@ -1,0 +1,133 @@
+"""Reporting a comparison: targets, time to target in log-PPL, means and spreads over seeds, the paper's claims.
+
+Everything here works on tidy tables: `curves` (one row per setting, method, seed and evaluation) and `runs`
+(one row per setting, method and seed). A target a run never reached is NaN ("not reached"), never
+extrapolated; a claim "A beats B" holds only when the difference of the means exceeds the spread.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+
+TARGET_SHARES = (0.25, 0.5, 0.75)  # targets: the PPL that 25%, 50% and 75% of the core methods reach
+KEYS = ["setting", "method", "seed"]
+METRICS = ["BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr"]
+
+
+def target_name(share: float) -> str:
+    return f"t{round(share * 100)}"
+
+
+def time_to(curve: pd.DataFrame, target: float, column: str = "sim_time_s") -> float:
+    """The first `column` value at which val_ppl reaches `target`, interpolated in log-PPL between the two
+    evaluations around it; NaN when the run never reached it (no extrapolation)."""
+    curve = curve.sort_values("round")
+    ppl, x = curve["val_ppl"].to_numpy(float), curve[column].to_numpy(float)
+    hit = np.flatnonzero(ppl <= target)
+    if hit.size == 0:
+        return float("nan")
+    i = int(hit[0])
+    if i == 0 or ppl[i - 1] == ppl[i]:
+        return float(x[i])
+    frac = (math.log(ppl[i - 1]) - math.log(target)) / (math.log(ppl[i - 1]) - math.log(ppl[i]))
+    return float(x[i - 1] + frac * (x[i] - x[i - 1]))
+
+
+def targets(curves: pd.DataFrame, methods: list[str], shares=TARGET_SHARES) -> pd.DataFrame:
+    """Per setting, the PPL targets that a share of `methods` reach: with the methods' best PPL (mean over seeds)
+    sorted b_1 <= ... <= b_M, the target for share q is b_ceil(qM), which exactly ceil(qM) of them reach."""
+    rows = []
+    for setting, part in curves[curves["method"].isin(methods)].groupby("setting", sort=False):
+        best = part.groupby(["method", "seed"])["val_ppl"].min().groupby("method").mean().sort_values()
+        row = {"setting": setting, "methods": len(best)}
+        for q in shares:
+            row[target_name(q)] = float(best.iloc[max(1, math.ceil(q * len(best))) - 1])
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def add_times_to_targets(runs: pd.DataFrame, curves: pd.DataFrame, goal: pd.DataFrame) -> pd.DataFrame:
+    """Each run's simulated seconds and rounds to each of its setting's targets (NaN: not reached)."""
+    names = [c for c in goal.columns if c.startswith("t") and c[1:].isdigit()]
+    goal = goal.set_index("setting")
+    out = runs.copy()
+    for name in names:
+        out[f"target_{name}"] = out["setting"].map(goal[name])
+        secs, rounds = [], []
+        for _, run in out.iterrows():
+            curve = curves[(curves[KEYS] == run[KEYS].values).all(axis=1)]
+            secs.append(time_to(curve, run[f"target_{name}"], "sim_time_s"))
+            rounds.append(time_to(curve, run[f"target_{name}"], "round"))
+        out[f"time_to_{name}_s"], out[f"rounds_to_{name}"] = secs, rounds
+    return out
+
+
+def summarize_runs(runs: pd.DataFrame) -> pd.DataFrame:
+    """Per setting and method: the number of seeds, and the mean and standard deviation (ddof 1; NaN for one
+    seed) of every numeric column over the seeds. A time to target is averaged over the seeds that reached it,
+    and `reached_<t>` counts them."""
+    numeric = [c for c in runs.columns if c not in KEYS and pd.api.types.is_numeric_dtype(runs[c])]
+    rows = []
+    for (setting, method), part in runs.groupby(["setting", "method"], sort=False):
+        row = {"setting": setting, "method": method, "seeds": len(part)}
+        for c in numeric:
+            vals = part[c].dropna()
+            row[f"{c}_mean"] = float(vals.mean()) if len(vals) else float("nan")
+            row[f"{c}_std"] = float(vals.std(ddof=1)) if len(vals) > 1 else float("nan")
+            if c.startswith("time_to_"):
+                row[f"reached_{c.removeprefix('time_to_').removesuffix('_s')}"] = f"{len(vals)}/{len(part)}"
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def compare(summary: pd.DataFrame, setting: str, a: str, b: str, column: str, lower_is_better: bool = True) -> dict:
+    """Does method `a` beat method `b` on `column` in `setting`? The verdict needs the difference of the means
+    to exceed the spread, sqrt(std_a^2 + std_b^2) (with one seed on either side no spread is known)."""
+    s = summary[summary["setting"] == setting].set_index("method")
+    if a not in s.index or b not in s.index:
+        return {"setting": setting, "a": a, "b": b, "column": column, "verdict": "not run"}
+    if f"{column}_mean" not in s:
+        return {"setting": setting, "a": a, "b": b, "column": column, "verdict": "not measured"}
+    ma, mb = s.loc[a, f"{column}_mean"], s.loc[b, f"{column}_mean"]
+    sa, sb = s.loc[a, f"{column}_std"], s.loc[b, f"{column}_std"]
+    gain = (mb - ma) if lower_is_better else (ma - mb)
+    spread = math.sqrt(sa ** 2 + sb ** 2) if not (np.isnan(sa) or np.isnan(sb)) else float("nan")
+    if np.isnan(ma) or np.isnan(mb):
+        verdict = "not measured"
+    elif np.isnan(spread):
+        verdict = "better (one seed, no spread)" if gain > 0 else "not better (one seed, no spread)"
+    elif gain > spread:
+        verdict = "holds"
+    elif -gain > spread:
+        verdict = "reversed"
+    else:
+        verdict = "within the spread"
+    return {"setting": setting, "a": a, "b": b, "column": column, "mean_a": ma, "mean_b": mb, "gain": gain,
+            "spread": spread, "verdict": verdict}
+
+
+# (claim, a, b, column, lower is better): the paper's claims, each as comparisons of two methods
+CLAIMS = [
+    ("lower PPL than SplitLoRA", "hsplitlora", "splitlora", "final_ppl", True),
+    ("lower PPL than HetLoRA", "hsplitlora", "hetlora", "final_ppl", True),
+    ("converges faster than SplitLoRA", "hsplitlora", "splitlora", "time_to_t50_s", True),
+    ("converges faster than HetLoRA", "hsplitlora", "hetlora", "time_to_t50_s", True),
+    ("converges faster than CenLoRA", "hsplitlora", "cenlora", "time_to_t50_s", True),
+    ("converges faster than FT", "hsplitlora", "ft", "time_to_t50_s", True),
+    ("fewer trainable client parameters than HetLoRA", "hsplitlora", "hetlora", "trainable_client_params", True),
+    ("fewer trainable client parameters than FT", "hsplitlora", "ft", "trainable_client_params", True),
+    ("IWI helps", "hsplitlora", "hsplitlora-no-iwi", "final_ppl", True),
+    ("ARMSC helps", "hsplitlora", "hsplitlora-no-armsc", "final_ppl", True),
+    ("NAA helps", "hsplitlora", "hsplitlora-no-naa", "final_ppl", True),
+    ("the shared main server helps", "hsplitlora", "hsplitlora-per-client-server", "final_ppl", True),
+]
+
+
+def claims(summary: pd.DataFrame) -> pd.DataFrame:
+    """Every claim of the paper in every setting of the summary, with the means, the gain, the spread and the
+    verdict (holds / within the spread / reversed / not run)."""
+    rows = [{"claim": text, **compare(summary, setting, a, b, col, low)}
+            for setting in summary["setting"].unique() for text, a, b, col, low in CLAIMS]
+    return pd.DataFrame(rows)

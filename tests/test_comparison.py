@@ -1,0 +1,169 @@
+"""The comparison: targets and time to target in log-PPL, means and spreads over seeds, the claims' verdicts, seeds
+that repeat and differ, one resumable folder per (setting, method, seed), and the settings of configs/comparison.yaml."""
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import REPO
+from hsplit_nb import experiment
+from hsplit_nb.__main__ import main
+from hsplit_nb.comparison import ComparisonConfig, collect, run_comparison, write_report
+from hsplit_nb.config import ConfigError, PAPER_BUDGET_FRACTIONS, preset
+from hsplit_nb.reporting import claims, compare, summarize_runs, targets, time_to
+
+
+def _curve(ppls, times=None):
+    times = times if times is not None else [10.0 * i for i in range(len(ppls))]
+    return pd.DataFrame({"round": range(len(ppls)), "val_ppl": ppls, "sim_time_s": times})
+
+
+def test_time_to_target_interpolates_in_log_ppl_and_never_extrapolates():
+    curve = _curve([20.0, 5.0, 4.0], [0.0, 10.0, 30.0])
+    frac = (math.log(5.0) - math.log(4.5)) / (math.log(5.0) - math.log(4.0))  # 0.4722
+    assert time_to(curve, 4.5) == pytest.approx(10.0 + frac * 20.0, abs=1e-12)
+    assert time_to(curve, 4.5, "round") == pytest.approx(1 + frac, abs=1e-12)
+    assert time_to(curve, 5.0) == 10.0  # reached at an evaluation: its time exactly
+    assert time_to(curve, 25.0) == 0.0  # already met before training
+    assert math.isnan(time_to(curve, 3.99))  # never reached: NaN, not a guess beyond the last evaluation
+    linear = 10.0 + (5.0 - 4.5) / (5.0 - 4.0) * 20.0
+    assert time_to(curve, 4.5) != pytest.approx(linear)  # log-PPL, not linear PPL
+
+
+def _curves(best: dict[str, list[float]]):
+    rows = []
+    for method, per_seed in best.items():
+        for seed, b in enumerate(per_seed):
+            for r, p in enumerate([10.0, b + 1, b]):
+                rows.append({"setting": "s", "method": method, "seed": seed, "round": r, "val_ppl": p,
+                             "sim_time_s": 5.0 * r})
+    return pd.DataFrame(rows)
+
+
+def test_targets_are_the_ppl_a_share_of_the_core_methods_reach():
+    # mean best PPL per method: a 3.0, b 4.0, c 5.0, d 6.0 (e is not a core method and does not count)
+    curves = _curves({"a": [2.0, 4.0], "b": [4.0, 4.0], "c": [5.0], "d": [6.5, 5.5], "e": [1.0]})
+    goal = targets(curves, ["a", "b", "c", "d"]).iloc[0]
+    assert (goal["t25"], goal["t50"], goal["t75"]) == (3.0, 4.0, 5.0)  # ceil(q * 4)-th best: 1st, 2nd, 3rd
+    assert goal["methods"] == 4
+
+
+def test_summary_gives_mean_spread_and_reached_counts():
+    runs = pd.DataFrame({"setting": ["s"] * 3, "method": ["m"] * 3, "seed": [0, 1, 2],
+                         "final_ppl": [4.0, 5.0, 6.0], "time_to_t50_s": [10.0, np.nan, 20.0]})
+    row = summarize_runs(runs).iloc[0]
+    assert row["seeds"] == 3 and row["final_ppl_mean"] == 5.0 and row["final_ppl_std"] == pytest.approx(1.0)
+    assert row["time_to_t50_s_mean"] == 15.0 and row["reached_t50"] == "2/3"  # mean over the seeds that reached it
+    one = summarize_runs(runs.iloc[:1]).iloc[0]
+    assert math.isnan(one["final_ppl_std"])
+
+
+def _summary(a, sa, b, sb):
+    return pd.DataFrame({"setting": ["s", "s"], "method": ["hsplitlora", "splitlora"], "seeds": [3, 3],
+                         "final_ppl_mean": [a, b], "final_ppl_std": [sa, sb]})
+
+
+@pytest.mark.parametrize("a, sa, b, sb, verdict", [
+    (4.0, 0.1, 4.5, 0.1, "holds"),               # gain 0.5 > spread sqrt(0.02) = 0.141
+    (4.0, 0.3, 4.2, 0.3, "within the spread"),   # gain 0.2 < 0.424
+    (4.5, 0.1, 4.0, 0.1, "reversed"),
+    (4.0, float("nan"), 4.5, 0.1, "better (one seed, no spread)"),
+])
+def test_a_claim_holds_only_beyond_the_spread(a, sa, b, sb, verdict):
+    got = compare(_summary(a, sa, b, sb), "s", "hsplitlora", "splitlora", "final_ppl")
+    assert got["verdict"] == verdict
+    assert got["gain"] == pytest.approx(b - a)
+    table = claims(_summary(a, sa, b, sb))
+    assert table.loc[table["claim"] == "lower PPL than SplitLoRA", "verdict"].item() == verdict
+    assert table.loc[table["claim"] == "lower PPL than HetLoRA", "verdict"].item() == "not run"
+
+
+def _tiny_comparison(**over):
+    fields = dict(base="quick", common={"rounds": 1, "local_steps": 1, "eval_mrs": 2, "num_beams": 1,
+                                        "max_new_tokens": 6, "val_examples": 8, "events": [], "eval_seed": 0},
+                  settings={"a": {}, "b": {"overrides": {"budgets": [5e6, 8e6, 9e6]}, "seeds": [0]}},
+                  seeds=[0, 1], core=["splitlora", "cenlora"], extras=["hsplitlora"], extra_seeds=[0])
+    return ComparisonConfig(**{**fields, **over})
+
+
+def test_each_run_is_its_own_folder_resumes_and_merges_into_one_tidy_table(tmp_path, monkeypatch):
+    ccfg = _tiny_comparison()
+    assert [(s.setting, s.method, s.seed) for s in ccfg.runs()] == [
+        ("a", "splitlora", 0), ("a", "splitlora", 1), ("a", "cenlora", 0), ("a", "cenlora", 1), ("a", "hsplitlora", 0),
+        ("b", "splitlora", 0), ("b", "cenlora", 0), ("b", "hsplitlora", 0)]
+    run_comparison(ccfg, tmp_path, settings=["a"], methods=["splitlora", "cenlora"], progress=False)
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.glob("*/*/seed*")) == [
+        "a/cenlora/seed0", "a/cenlora/seed1", "a/splitlora/seed0", "a/splitlora/seed1"]
+    assert not list(tmp_path.rglob("*.png"))  # per-run figures are left to the report
+    monkeypatch.setattr(experiment, "_Run", None)  # a finished run trains nothing when the comparison goes on
+    curves, runs, goal = collect(ccfg, tmp_path)
+    run_comparison(ccfg, tmp_path, settings=["a"], methods=["splitlora", "cenlora"], progress=False)
+    assert len(runs) == 4 and set(runs["seed"]) == {0, 1}
+    assert {"setting", "method", "seed", "final_ppl", "time_to_t25_s", "time_to_t50_s", "time_to_t75_s", "BLEU",
+            "NIST", "METEOR", "ROUGE_L", "CIDEr", "eval_mrs"} <= set(runs.columns)
+    assert (runs["eval_mrs"] == 2).all() and (runs["wall_time_run_s"] > 0).all()
+    assert set(curves["round"]) == {0, 1} and len(curves) == 8
+    assert goal["setting"].tolist() == ["a"]
+
+
+def test_seeds_repeat_exactly_and_differ_from_each_other(tmp_path):
+    ccfg = _tiny_comparison(settings={"a": {}}, core=["hsplitlora"], extras=[], seeds=[0, 1])
+    run_comparison(ccfg, tmp_path / "first", progress=False)
+    run_comparison(ccfg, tmp_path / "again", seeds=[0], progress=False)
+    first, again = collect(ccfg, tmp_path / "first")[0], collect(ccfg, tmp_path / "again")[0]
+    cols = ["round", "val_ppl", "train_loss", "sim_time_s", "bytes_up", "bytes_down"]
+    seed0 = first[first["seed"] == 0][cols].reset_index(drop=True)
+    pd.testing.assert_frame_equal(seed0, again[cols].reset_index(drop=True))
+    seed1 = first[first["seed"] == 1][cols].reset_index(drop=True)
+    assert seed1["val_ppl"].iloc[0] == seed0["val_ppl"].iloc[0]  # round 0: the same model on the same MRs
+    assert seed1["train_loss"].iloc[1] != seed0["train_loss"].iloc[1]  # other partition, initialisation, order
+
+
+def test_the_report_writes_tables_and_figures_with_spreads(tmp_path, capsys):
+    ccfg = _tiny_comparison(settings={"a": {}}, core=["splitlora", "cenlora"], extras=[])
+    cfg_path = tmp_path / "c.yaml"
+    import yaml
+    cfg_path.write_text(yaml.safe_dump(ccfg.model_dump()))
+    assert main(["compare", "--config", str(cfg_path), "--out", str(tmp_path / "runs"), "--report",
+                 str(tmp_path / "rep")]) == 0
+    rep = tmp_path / "rep"
+    summary = pd.read_csv(rep / "comparison_summary.csv")
+    assert summary["seeds"].tolist() == [2, 2] and summary["final_ppl_std"].notna().all()
+    assert len(pd.read_csv(rep / "comparison.csv")) == 4
+    for f in ("comparison_a_rounds.png", "comparison_a_time.png", "comparison_final_ppl.png"):
+        assert (rep / f).stat().st_size > 5000
+    assert "4 runs" in capsys.readouterr().out
+
+
+def test_bad_comparison_configs_are_named():
+    with pytest.raises(ConfigError, match=r"config field 'core': 'splitlor' is not allowed; a method, one of"):
+        _tiny_comparison(core=["splitlor"])
+    with pytest.raises(ConfigError, match=r"comparison setting 'b'.*budgets"):
+        _tiny_comparison(settings={"b": {"overrides": {"budgets": [1.0]}}})
+    with pytest.raises(ConfigError, match=r"config field 'settings': 'z' is not allowed; one of a, b"):
+        _tiny_comparison().runs(settings=["z"])
+
+
+def test_the_shipped_comparison_and_its_binding_setting():
+    """configs/comparison.yaml: 65 runs, and setting (b) follows its stated rule on SmolLM2-135M."""
+    from hsplit_nb.costs import uniform_budget, weight_bytes
+    from hsplit_nb.models import model_config
+    from hsplit_nb.planner import uniform_rank, weakest_split
+    from hsplit_nb.costs import ClientSpec
+
+    ccfg = ComparisonConfig.load(REPO / "configs" / "comparison.yaml")
+    assert len(ccfg.runs()) == 8 * 3 * 2 + 3 * 2 + 11
+    b = ccfg.experiment("b-binding", "splitlora", 0)
+    config = model_config(b.model)
+    w = weight_bytes(config)
+    least = uniform_budget(config, 1, 2, b.batch_size, b.seq_len, b.headroom) / w
+    weakest = math.ceil(least * 1e4) / 1e4
+    assert b.budgets == [round(weakest * f / PAPER_BUDGET_FRACTIONS[0], 4) for f in PAPER_BUDGET_FRACTIONS]
+    clients = [ClientSpec(f"c{k}", m) for k, m in enumerate(b.budget_bytes(config))]
+    s = weakest_split(config, clients, b.batch_size, b.seq_len, b.rank_levels, headroom=b.headroom)
+    assert s == 1 and uniform_rank(config, clients[0].memory, s, b.batch_size, b.seq_len, b.rank_levels,
+                                   headroom=b.headroom) == 2  # SplitLoRA is held to rank 2 at split 1
+    a = preset("cpu_scale")
+    assert uniform_rank(config, a.budget_bytes(config)[0], 1, a.batch_size, a.seq_len, a.rank_levels,
+                        headroom=a.headroom) == 16  # in (a) memory does not bind
