@@ -26,6 +26,15 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _field_value(text: str) -> tuple[str, object]:
+    from .io import read_value
+
+    name, sep, value = text.partition("=")
+    if not sep or not name.strip():
+        raise argparse.ArgumentTypeError(f"{text!r} is not allowed; FIELD=VALUE, e.g. server_adapter_budget=2e6")
+    return name.strip(), read_value(value)
+
+
 def _data_arg(text: str) -> str:
     if not text.strip():
         raise argparse.ArgumentTypeError("'' is not allowed; 'builtin' or a folder with devset.csv and "
@@ -67,6 +76,8 @@ def _add_experiment(sub, name: str, help_text: str, out: str):
     p.add_argument("--config", required=True, help="ExperimentConfig as .json or .yaml")
     p.add_argument("--data", type=_data_arg, help="'builtin' or a folder with devset.csv and testset_w_refs.csv (overrides the config)")
     p.add_argument("--methods", nargs="+", help="methods to run (overrides the config)")
+    p.add_argument("--set", dest="overrides", type=_field_value, action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a config field, e.g. --set server_adapter_budget=2e6 --set lr=3e-3")
     p.add_argument("--out", default=out, help="output folder (resumes if it holds a stopped run)")
     return p
 
@@ -87,7 +98,7 @@ def _add_distributed(sub) -> None:
 def _add_compare(sub) -> None:
     cmp = sub.add_parser("compare", parents=[_COMMON],
                          help="methods x settings x seeds, each run in its own resumable folder, then the report")
-    cmp.add_argument("--config", default="configs/comparison.yaml", help="ComparisonConfig as .yaml or .json")
+    cmp.add_argument("--config", help="ComparisonConfig as .yaml or .json (default: configs/comparison.yaml)")
     cmp.add_argument("--data", type=_data_arg, help="'builtin' or a folder with devset.csv and testset_w_refs.csv")
     cmp.add_argument("--settings", nargs="+", help="only these settings")
     cmp.add_argument("--methods", nargs="+", help="only these methods")
@@ -121,7 +132,8 @@ def _config(args):
     from .config import ExperimentConfig
 
     cfg = ExperimentConfig.load(args.config)
-    return cfg.replace(data=args.data) if args.data is not None else cfg
+    overrides = dict(args.overrides) | ({"data": args.data} if args.data is not None else {})
+    return cfg.replace(**overrides) if overrides else cfg
 
 
 def _make_data(args) -> int:
@@ -147,8 +159,10 @@ def _run(args) -> int:
 
 def _compare(args) -> int:
     from .comparison import ComparisonConfig, run_comparison, write_report
+    from .config import CONFIGS
 
-    ccfg = ComparisonConfig.load(args.config)
+    ccfg = ComparisonConfig.load(args.config or CONFIGS / "comparison.yaml")
+    ccfg.runs(args.settings, args.methods, args.seeds)  # a selection that names nothing known is an error
     if not args.report_only:
         run_comparison(ccfg, args.out, args.settings, args.methods, args.seeds, data=args.data)
     tables = write_report(ccfg, args.out, args.report or args.out)

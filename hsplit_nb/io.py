@@ -107,6 +107,14 @@ def _pairs_without_duplicates(pairs):
     return dict(pairs)
 
 
+def read_value(text: str):
+    """One YAML 1.2 scalar or flow value as written on a command line (`2e6`, `[0.3, 0.6]`, `null`, `fast`)."""
+    try:
+        return yaml.load(text, Loader=_Yaml12Loader)
+    except yaml.YAMLError:
+        return text
+
+
 def read_mapping(path, what: str = "config file") -> dict:
     """A YAML (.yaml/.yml) or JSON file holding one mapping; every failure names the file and the place."""
     path = Path(path)

@@ -202,6 +202,10 @@ CLI = [
     ("plan-paper with batch 0", ["plan-paper", "--batch-size", "0"], r"argument --batch-size: '0' is not allowed; a positive integer"),
     ("an empty --data", ["run", "--config", "{tmp}/good.yaml", "--data", ""], r"argument --data: '' is not allowed; 'builtin' or a folder"),
     ("quickstart with a negative sequence", ["quickstart", "--seq-len", "-1"], r"argument --seq-len: '-1' is not allowed"),
+    ("--set without a value", ["run", "--config", "{tmp}/good.yaml", "--set", "lr"], r"argument --set: 'lr' is not allowed; FIELD=VALUE"),
+    ("--set of an unknown field", ["run", "--config", "{tmp}/good.yaml", "--set", "speed=3"], r"^error: unknown config field 'speed'; known fields: model"),
+    ("--set of a wrong value", ["run", "--config", "{tmp}/good.yaml", "--set", "server_adapter_budget=-1"], r"^error: config field 'server_adapter_budget': -1 is not allowed; input should be greater than or equal to 0"),
+    ("compare with an unknown setting", ["compare", "--settings", "z", "--report-only"], r"^error: config field 'settings': 'z' is not allowed; one of a-paper, b-binding, c-homogeneous"),
 ]
 
 

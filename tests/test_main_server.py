@@ -158,3 +158,24 @@ def test_round_time_of_a_two_client_toy_equals_the_figure_by_hand():
     server = ((4 - 1) * fb + hf + (4 - 3) * fb + hf) / 1e10
     boundary = max((b[k]["adapter_up"] + b[k]["adapter_down"]) / 1e8 for k in ("c0", "c1"))
     assert fed.sim_time == pytest.approx(max(c0, c1, server) + boundary, rel=1e-12)
+
+
+def test_server_adapter_budget_from_the_config_and_the_command_line_sets_the_shared_ranks():
+    """Default: the top rank on every server-side matrix; a smaller budget (config field, or `--set` on the command
+    line) gives fewer shared server parameters, within the budget (4 copies x 4 bytes per parameter)."""
+    from conftest import REPO
+    from hsplit_nb.__main__ import _config, _parser
+
+    full = _run("hsplitlora").fed
+    top = max(TWO["rank_levels"])
+    shapes = [base_weight(full.pm, m).shape for m in full.shared_matrices()]
+    on_server_full = full.trainable_params()[1]
+    assert on_server_full == sum(top * (d_out + d_in) for d_out, d_in in shapes)
+    budget = 16.0 * on_server_full / 4  # room for about a quarter of the default set
+    small = _run("hsplitlora", server_adapter_budget=budget).fed
+    on_server_small = small.trainable_params()[1]
+    assert 0 < on_server_small < on_server_full and 16 * on_server_small <= budget
+    args = _parser().parse_args(["run", "--config", str(REPO / "configs" / "quick.yaml"),
+                                 "--set", f"server_adapter_budget={budget:g}", "--set", "lr=3e-3"])
+    cfg = _config(args)
+    assert cfg.server_adapter_budget == float(f"{budget:g}") and cfg.lr == 0.003
