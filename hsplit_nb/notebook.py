@@ -5,7 +5,7 @@ import os
 from pathlib import Path
 
 from .io import atomic_write_text
-from .plots import save_figure  # noqa: F401  (the notebooks' import)
+from .plots import save_figure as _save_figure
 
 
 def quick_mode() -> bool:
@@ -24,6 +24,17 @@ def output_dir(path) -> Path:
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+def save_figure(fig, out_dir, name: str) -> None:
+    """Write a figure as PNG (atomically) beside the notebook's other outputs and show it once. Returns nothing,
+    so a cell that ends with it shows the figure and no path."""
+    import matplotlib.pyplot as plt
+    from IPython.display import display
+
+    _save_figure(fig, out_dir, name)
+    display(fig)
+    plt.close(fig)  # a pyplot figure would otherwise be shown a second time at the cell's end
 
 
 def save_table(df, out_dir, name: str) -> Path:

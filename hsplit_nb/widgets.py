@@ -1,10 +1,18 @@
 """Interactive views for the notebooks. Each view is a plain function (tested on its own) that a few
-ipywidgets controls call; the widgets only collect values and show the function's result."""
+ipywidgets controls call; the widgets only collect values and show the function's result.
+
+JupyterLab 4.6 with ipykernel 7 may deliver widget messages on a thread of their own, so a panel never
+touches pyplot's global state or the kernel's output capture: figures are `matplotlib.figure.Figure`
+objects drawn to PNG, the Output widget's contents are set directly, and updates run under a lock.
+"""
 from __future__ import annotations
 
+import base64
+import io
 import math
+import threading
 
-import matplotlib.pyplot as plt
+from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 import pandas as pd
 import torch
@@ -17,6 +25,12 @@ from .planner import DEFAULT_RANK_LEVELS, ClientSpec, client_memory, plan, smash
 from .split import num_blocks
 
 # ---- plain functions ------------------------------------------------------------------------------
+
+def _figure(figsize, ncols: int = 1):
+    """A figure outside pyplot (no global state, safe on any thread) and its axes."""
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(1, ncols)
+
 
 
 def split_costs(config, batch_size: int = 8, seq_len: int = 64, ranks=None, dtype=torch.float32) -> pd.DataFrame:
@@ -33,7 +47,7 @@ def split_costs(config, batch_size: int = 8, seq_len: int = 64, ranks=None, dtyp
 
 
 def plot_split_costs(df: pd.DataFrame, highlight: int | None = None):
-    fig, ax = plt.subplots(figsize=(8, 4))
+    fig, ax = _figure((8, 4))
     bottom = pd.Series(0.0, index=df.index)
     for part in ("weights_MiB", "activations_MiB", "adapters_MiB", "smashed_MiB"):
         ax.bar(df["split_point"], df[part], bottom=bottom, label=part.replace("_MiB", ""))
@@ -42,6 +56,7 @@ def plot_split_costs(df: pd.DataFrame, highlight: int | None = None):
         ax.axvline(highlight, color="k", ls="--", lw=1, label=f"split point {highlight}")
     ax.set(xlabel="split point s (blocks on the client)", ylabel="predicted client memory (MiB)",
            title=f"Client memory by split point; {df['smashed_up_MiB'].iloc[0]:.2f} MiB up and down per step")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
@@ -56,7 +71,7 @@ def importance_grid(scores: dict[str, float], config) -> pd.DataFrame:
 
 
 def plot_importance_grid(grid: pd.DataFrame, title: str = "RNGWP importance"):
-    fig, ax = plt.subplots(figsize=(6, max(3, 0.22 * len(grid))))
+    fig, ax = _figure((6, max(3, 0.22 * len(grid))))
     im = ax.imshow(grid.values, aspect="auto", cmap="viridis")
     ax.set_xticks(range(grid.shape[1]), grid.columns, rotation=30)
     ax.set_yticks(range(len(grid)), grid.index)
@@ -90,13 +105,13 @@ def replay_importance(history: list[dict[str, float]], beta_max: float = 0.9, de
 
 
 def plot_replay(frame: pd.DataFrame, delta: float):
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.5))
+    fig, (a, b) = _figure((10, 3.5), 2)
     a.plot(frame["calibration"], frame["beta"], marker="o", label="beta_t")
     a.plot(frame["calibration"], frame["fluctuation"], marker="s", label="fluctuation Delta_t")
     a.set(xlabel="calibration t", title="Smoothing coefficient")
     a.legend()
     b.plot(frame["calibration"], frame["shift"], marker="o", label="||g - g_config||_1")
-    b.axhline(delta, color="r", ls="--", label=f"delta = {delta}")
+    b.axhline(delta, color="r", ls="--", label=f"delta = {delta:.3g}")
     fired = frame[frame["fires"]]
     b.scatter(fired["calibration"], fired["shift"], color="r", zorder=3, s=60, label="trigger fires")
     b.set(xlabel="calibration t", title="Reconfiguration trigger")
@@ -115,7 +130,7 @@ def planner_table(config, budgets_gb: list[float], rank_levels=DEFAULT_RANK_LEVE
 
 
 def plot_plan(frame: pd.DataFrame):
-    fig, ax = plt.subplots(figsize=(8, 3.8))
+    fig, ax = _figure((8, 3.8))
     x = range(len(frame))
     ax.bar([i - 0.2 for i in x], frame["budget_GB"], width=0.4, label="budget")
     ax.bar([i + 0.2 for i in x], frame["memory_GB"], width=0.4, label="predicted memory")
@@ -157,22 +172,30 @@ def aggregation_errors(ranks: list[int], weights: list[float], d_out: int = 64, 
         key = {"NAA (stack)": "naa", "zero-pad + average": "zeropad", "FedAvg (A, B apart)": "fedavg"}[name]
         comm = communication(key, [f.rank if f is not None else 0 for f in adapters], d_in, d_out,
                              [True] * len(adapters)) if delta is not None else []
-        out.append({"aggregator": name,
-                    "relative_error": float((delta - exact).norm() / exact.norm()) if delta is not None else float("nan"),
-                    "bytes_up": sum(c["up"] for c in comm), "bytes_down": sum(c["down"] for c in comm)})
+        if delta is None:
+            out.append({"aggregator": name, "relative_error": float("nan"), "bytes_up": float("nan"),
+                        "bytes_down": float("nan"), "note": NOT_FEDAVG})
+            continue
+        out.append({"aggregator": name, "relative_error": float((delta - exact).norm() / exact.norm()),
+                    "bytes_up": sum(c["up"] for c in comm), "bytes_down": sum(c["down"] for c in comm), "note": ""})
     return pd.DataFrame(out)
 
 
-def plot_aggregation_errors(frame: pd.DataFrame):
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.5))
+NOT_FEDAVG = "does not apply: FedAvg averages A and B entry by entry, which needs every client at one rank"
+
+
+def plot_aggregation_errors(frame: pd.DataFrame, case: str = ""):
+    """Each aggregator's error and bytes; `case` (e.g. "ranks 2, 4, 8") names the setting in the titles."""
+    fig, (a, b) = _figure((10, 3.5), 2)
     err = frame["relative_error"].fillna(0)
     a.bar(frame["aggregator"], err, color=["tab:green", "tab:orange", "tab:red"][: len(frame)])
     for i, v in enumerate(frame["relative_error"]):
         a.annotate("n/a (mixed ranks)" if math.isnan(v) else f"{v:.2e}", (i, err.iloc[i]), ha="center",
                    va="bottom", fontsize=8)
-    a.set(ylabel="||aggregate - exact|| / ||exact||", title="Error against the exact weighted sum")
+    suffix = f" ({case})" if case else ""
+    a.set(ylabel="||aggregate - exact|| / ||exact||", title="Error against the exact weighted sum" + suffix)
     frame.set_index("aggregator")[["bytes_up", "bytes_down"]].div(2**10).plot.bar(ax=b, rot=0)
-    b.set(ylabel="KiB (all clients, one matrix)", title="Bytes per aggregation", xlabel="")
+    b.set(ylabel="KiB (all clients, one matrix)", title="Bytes per aggregation" + suffix, xlabel="")
     for ax in (a, b):
         for label in ax.get_xticklabels():
             label.set_fontsize(8)
@@ -182,15 +205,40 @@ def plot_aggregation_errors(frame: pd.DataFrame):
 
 # ---- widgets --------------------------------------------------------------------------------------
 
+def on_grid(value: float, lo: float, step: float) -> float:
+    """The value a slider's front end snaps to (lo + step * round((value - lo) / step), in doubles as in
+    JavaScript), so that showing a slider never sends a 'change' back (0.9 would come back 0.9000000000000001)."""
+    return lo + step * round((value - lo) / step)
+
+
+def _bundle(item) -> dict:
+    """One output of an Output widget, as a Jupyter message would carry it."""
+    if isinstance(item, str):
+        return {"output_type": "stream", "name": "stdout", "text": item + "\n"}
+    if isinstance(item, Figure):
+        buf = io.BytesIO()
+        item.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+        data = {"image/png": base64.b64encode(buf.getvalue()).decode("ascii"), "text/plain": repr(item)}
+        return {"output_type": "display_data", "data": data, "metadata": {}}
+    if isinstance(item, pd.DataFrame):
+        data = {"text/html": item.to_html(), "text/plain": item.to_string()}
+        return {"output_type": "display_data", "data": data, "metadata": {}}
+    return {"output_type": "display_data", "data": {"text/plain": repr(item)}, "metadata": {}}
+
+
 class Panel:
-    """Controls, an output area, and `result`: the last value of the function the controls drive."""
+    """Controls, an output area, and `result`: the last value of the function the controls drive.
+
+    `render(result)` returns what to show (text, DataFrames, figures); the Output widget's contents are replaced
+    in one assignment under a lock, whatever thread delivers the change."""
 
     def __init__(self, controls: dict, compute, render):
         import ipywidgets as w
 
         self.controls, self.compute, self.render = controls, compute, render
         self.out = w.Output()
-        self.result = None
+        self.result, self.shown, self._computed_for = None, [], None
+        self._lock = threading.Lock()
         for control in controls.values():
             control.observe(self.update, names="value")
         self.widget = w.VBox([w.HBox(list(controls.values()), layout=w.Layout(flex_flow="row wrap")), self.out])
@@ -200,12 +248,14 @@ class Panel:
         return {k: c.value for k, c in self.controls.items()}
 
     def update(self, change=None) -> None:
-        from IPython.display import clear_output
-
-        self.result = self.compute(**self.values())
-        with self.out:
-            clear_output(wait=True)
-            self.render(self.result)
+        with self._lock:
+            values = self.values()
+            if values == self._computed_for:
+                return
+            self.result = self.compute(**values)
+            self.shown = list(self.render(self.result))
+            self.out.outputs = tuple(_bundle(item) for item in self.shown)
+            self._computed_for = values
 
     def _ipython_display_(self):
         from IPython.display import display
@@ -213,21 +263,9 @@ class Panel:
         display(self.widget)
 
 
-def _show(*items):
-    from IPython.display import display
-
-    for item in items:
-        display(item)
-        if isinstance(item, plt.Figure):
-            plt.close(item)
-
-
-def _show_or_say(result, views) -> None:
-    """Show the views of a result, or print it when the computation answered with a message."""
-    if isinstance(result, str):
-        print(result)
-    else:
-        _show(*views(result))
+def _views_or_message(result, views) -> list:
+    """The views of a result, or the message when the computation answered with one."""
+    return [result] if isinstance(result, str) else list(views(result))
 
 
 def split_panel(config, batch_size: int = 8, seq_len: int = 64) -> Panel:
@@ -243,10 +281,9 @@ def split_panel(config, batch_size: int = 8, seq_len: int = 64) -> Panel:
 
     def render(res):
         r = res["row"]
-        print(f"split point {res['split_point']}: client holds the embeddings and blocks 0-{res['split_point'] - 1}; "
-              f"{r['smashed_up_MiB']:.2f} MiB up and {r['grad_down_MiB']:.2f} MiB down per step; "
-              f"predicted client memory {r['client_memory_MiB']:.1f} MiB")
-        _show(plot_split_costs(table, res["split_point"]))
+        return [f"split point {res['split_point']}: client holds the embeddings and blocks 0-{res['split_point'] - 1}; "
+                f"{r['smashed_up_MiB']:.2f} MiB up and {r['grad_down_MiB']:.2f} MiB down per step; "
+                f"predicted client memory {r['client_memory_MiB']:.1f} MiB", plot_split_costs(table, res["split_point"])]
 
     return Panel(controls, compute, render)
 
@@ -255,26 +292,34 @@ def iwi_panel(history: list[dict[str, float]]) -> Panel:
     """Replay recorded calibrations with other beta_max and delta."""
     import ipywidgets as w
 
-    controls = {"beta_max": w.FloatSlider(value=0.9, min=0.0, max=0.99, step=0.01, description="beta_max"),
-                "delta": w.FloatLogSlider(value=0.1, base=10, min=-3, max=0, step=0.1, description="delta")}
+    controls = {"beta_max": w.FloatSlider(value=on_grid(0.9, 0.0, 0.01), min=0.0, max=0.99, step=0.01,
+                                          description="beta_max"),
+                "delta": w.FloatLogSlider(value=10 ** on_grid(-1.0, -3.0, 0.1), base=10, min=-3, max=0, step=0.1,
+                                          description="delta", readout_format=".3g")}
 
     def compute(beta_max, delta):
-        return replay_importance(history, beta_max, delta)
+        frame = replay_importance(history, beta_max, delta)
+        frame.attrs["delta"] = delta
+        return frame
 
     def render(frame):
-        _show(frame.round(4), plot_replay(frame, controls["delta"].value))
+        return [frame.round(4), plot_replay(frame, frame.attrs["delta"])]
 
     return Panel(controls, compute, render)
 
 
 def planner_panel(config, n_clients: int = 5, budgets_gb=None, batch_size: int = 8, seq_len: int = 64,
                   max_gb: float = 2.0) -> Panel:
-    """Sliders for each client's budget, the rank levels, batch and sequence length."""
+    """Sliders for each client's budget (in MB when the largest is under 1 GB, so they never read 0.00), the rank
+    levels, batch and sequence length."""
     import ipywidgets as w
 
     budgets_gb = budgets_gb or [max_gb * (0.2 + 0.15 * k) for k in range(n_clients)]
-    controls = {f"b{k}": w.FloatSlider(value=b, min=max_gb / 50, max=max_gb, step=max_gb / 100,
-                                       description=f"client{k} GB") for k, b in enumerate(budgets_gb)}
+    unit, name = (1e-3, "MB") if max_gb < 1 else (1.0, "GB")
+    top, step = max_gb / unit, max_gb / unit / 100
+    controls = {f"b{k}": w.FloatSlider(value=on_grid(b / unit, step, step), min=step, max=top, step=step,
+                                       readout_format=".3g", description=f"client{k} {name}")
+                for k, b in enumerate(budgets_gb)}
     controls["rank_levels"] = w.SelectMultiple(options=[2, 4, 8, 16, 32, 64], value=(2, 4, 8, 16),
                                                description="ranks")
     controls["batch_size"] = w.IntSlider(value=batch_size, min=1, max=32, description="batch")
@@ -282,13 +327,13 @@ def planner_panel(config, n_clients: int = 5, budgets_gb=None, batch_size: int =
 
     def compute(rank_levels, batch_size, seq_len, **budgets):
         try:
-            return planner_table(config, [budgets[f"b{k}"] for k in range(len(budgets))], (0, *rank_levels),
+            return planner_table(config, [budgets[f"b{k}"] * unit for k in range(len(budgets))], (0, *rank_levels),
                                  batch_size, seq_len)
         except ValueError as exc:
             return str(exc)
 
     def render(res):
-        _show_or_say(res, lambda frame: (frame.round(3), plot_plan(frame)))
+        return _views_or_message(res, lambda frame: (frame.round(3), plot_plan(frame)))
 
     return Panel(controls, compute, render)
 
@@ -309,6 +354,7 @@ def naa_panel(n_clients: int = 3) -> Panel:
             return str(exc)
 
     def render(res):
-        _show_or_say(res, lambda frame: (frame, plot_aggregation_errors(frame)))
+        ranks = ", ".join(str(controls[f"r{k}"].value) for k in range(n_clients))
+        return _views_or_message(res, lambda frame: (frame, plot_aggregation_errors(frame, f"ranks {ranks}")))
 
     return Panel(controls, compute, render)

@@ -51,7 +51,9 @@ def test_planner_panel_updates_table_and_reports_bad_budgets(config):
     first = panel.result
     assert isinstance(first, pd.DataFrame) and len(first) == 3
     assert (first["memory_GB"] <= first["budget_GB"]).all()
-    panel.controls["b0"].value = full * 2
+    assert panel.controls["b0"].description == "client0 MB"  # a tiny model's budgets never read 0.00 GB
+    assert panel.controls["b0"].value == pytest.approx(full * 0.5 * 1e3, rel=0.02)
+    panel.controls["b0"].value = full * 2 * 1e3
     assert panel.result.loc[0, "budget_GB"] == pytest.approx(full * 2)
     assert panel.result.loc[0, "split_point"] >= first.loc[0, "split_point"]
     panel.controls["rank_levels"].value = (2,)
@@ -74,6 +76,72 @@ def test_naa_panel_shows_nan_fedavg_for_mixed_ranks_and_zero_naa_error():
     for k in range(3):
         panel.controls[f"w{k}"].value = 0
     assert "nothing to aggregate" in panel.result
+    assert panel.out.outputs[0]["text"].startswith("no client has both")
+
+
+def test_fedavg_with_mixed_ranks_says_why_it_does_not_apply():
+    frame = aggregation_errors([2, 4, 8], [1, 1, 1]).set_index("aggregator")
+    assert frame.loc["FedAvg (A, B apart)", "note"].startswith("does not apply: FedAvg averages A and B")
+    assert frame.loc["NAA (stack)", "note"] == ""
+
+
+def _png_pixels(bundle):
+    import base64
+    import io
+
+    from matplotlib.image import imread
+
+    assert bundle["output_type"] == "display_data"
+    return imread(io.BytesIO(base64.b64decode(bundle["data"]["image/png"])), format="png")
+
+
+@pytest.mark.parametrize("make, control, value", [
+    (lambda cfg: split_panel(cfg, 4, 64), "split_point", 1),
+    (lambda cfg: iwi_panel([{"a": 1.0, "b": 1.0}, {"a": 3.0, "b": 1.0}]), "delta", 0.5),
+    (lambda cfg: planner_panel(cfg, 2, [0.004, 0.006], 4, 64, max_gb=0.01), "b0", 8.0),
+    (lambda cfg: naa_panel(3), "r0", 16),
+])
+def test_panels_set_their_output_directly_with_a_drawn_figure_and_no_pyplot_state(config, make, control, value):
+    """What a browser shows: the Output widget's contents, replaced in one assignment (no kernel capture, which a
+    comm thread would send to the Log Console), figures drawn outside pyplot, and never blank."""
+    import matplotlib.pyplot as plt
+
+    plt.close("all")
+    panel = make(config)
+    before = panel.out.outputs
+    panel.controls[control].value = value
+    after = panel.out.outputs
+    assert after != before
+    figures = [b for b in after if "image/png" in b.get("data", {})]
+    assert len(figures) == 1
+    pixels = _png_pixels(figures[0])
+    assert pixels.shape[0] > 100 and pixels.std() > 0.01  # a drawn figure, not a blank area
+    assert plt.get_fignums() == []  # pyplot's global figure list was never touched
+
+
+def test_slider_starting_values_sit_on_their_grid_so_showing_them_recomputes_nothing(config):
+    panel = iwi_panel([{"a": 1.0, "b": 1.0}, {"a": 3.0, "b": 1.0}])
+    beta = panel.controls["beta_max"]
+    assert beta.value == beta.min + beta.step * round((beta.value - beta.min) / beta.step)  # what the front end sends
+    calls = []
+    panel.compute = lambda **v: calls.append(v) or panel.result
+    beta.value = beta.min + beta.step * round((beta.value - beta.min) / beta.step)
+    panel.update()  # a change message with the values already shown
+    assert calls == []
+
+
+def test_updates_from_many_threads_leave_the_output_of_the_last_values(config):
+    import threading
+
+    panel = split_panel(config, 4, 64)
+    threads = [threading.Thread(target=setattr, args=(panel.controls["split_point"], "value", s)) for s in (1, 2, 3, 2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    final = panel.controls["split_point"].value
+    assert panel.result["split_point"] == final
+    assert panel.out.outputs[0]["text"].startswith(f"split point {final}:")
 
 
 def test_plain_functions(config):
