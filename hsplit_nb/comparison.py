@@ -75,21 +75,20 @@ class ComparisonConfig(TypedConfig):
         return own if own is not None else self.seeds
 
     def runs(self, settings=None, methods=None, seeds=None) -> list["RunSpec"]:
-        """Every (setting, method, seed) of the comparison, optionally only the selected ones."""
-        for field, chosen, known in (("settings", settings, self.settings), ("methods", methods,
-                                                                              self.core + self.extras)):
+        """Every (setting, method, seed) of the comparison, optionally only the selected ones; seed by seed, so
+        that a comparison stopped part-way has whole seeds of every setting and method."""
+        for field, chosen, known in (("settings", settings, self.settings),
+                                     ("methods", methods, self.core + self.extras)):
             for x in chosen or []:
                 if x not in known:
                     _bad(field, x, f"one of {', '.join(known)}")
-        out = []
-        for setting in self.settings:
-            for method in self.core + self.extras:
-                for seed in self.seeds_of(setting, method):
-                    if (settings and setting not in settings) or (methods and method not in methods) or \
-                            (seeds is not None and seed not in seeds):
-                        continue
-                    out.append(RunSpec(setting, method, seed, self.experiment(setting, method, seed)))
-        return out
+        keys = [(seed, setting, method) for setting in self.settings for method in self.core + self.extras
+                for seed in self.seeds_of(setting, method)
+                if (not settings or setting in settings) and (not methods or method in methods)
+                and (seeds is None or seed in seeds)]
+        order = list(dict.fromkeys(seed for seed, _, _ in sorted(keys, key=lambda k: k[0])))
+        keys.sort(key=lambda k: order.index(k[0]))  # stable: settings and methods keep their order
+        return [RunSpec(setting, method, seed, self.experiment(setting, method, seed)) for seed, setting, method in keys]
 
 
 @dataclass

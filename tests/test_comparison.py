@@ -10,7 +10,7 @@ from conftest import REPO
 from hsplit_nb import experiment
 from hsplit_nb.__main__ import main
 from hsplit_nb.comparison import ComparisonConfig, collect, run_comparison, write_report
-from hsplit_nb.config import ConfigError, PAPER_BUDGET_FRACTIONS, preset
+from hsplit_nb.config import ConfigError, PAPER_BUDGET_FRACTIONS
 from hsplit_nb.reporting import claims, compare, summarize_runs, targets, time_to
 
 
@@ -89,9 +89,9 @@ def _tiny_comparison(**over):
 
 def test_each_run_is_its_own_folder_resumes_and_merges_into_one_tidy_table(tmp_path, monkeypatch):
     ccfg = _tiny_comparison()
-    assert [(s.setting, s.method, s.seed) for s in ccfg.runs()] == [
-        ("a", "splitlora", 0), ("a", "splitlora", 1), ("a", "cenlora", 0), ("a", "cenlora", 1), ("a", "hsplitlora", 0),
-        ("b", "splitlora", 0), ("b", "cenlora", 0), ("b", "hsplitlora", 0)]
+    assert [(s.setting, s.method, s.seed) for s in ccfg.runs()] == [  # seed by seed
+        ("a", "splitlora", 0), ("a", "cenlora", 0), ("a", "hsplitlora", 0), ("b", "splitlora", 0), ("b", "cenlora", 0),
+        ("b", "hsplitlora", 0), ("a", "splitlora", 1), ("a", "cenlora", 1)]
     run_comparison(ccfg, tmp_path, settings=["a"], methods=["splitlora", "cenlora"], progress=False)
     assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.glob("*/*/seed*")) == [
         "a/cenlora/seed0", "a/cenlora/seed1", "a/splitlora/seed0", "a/splitlora/seed1"]
@@ -164,6 +164,6 @@ def test_the_shipped_comparison_and_its_binding_setting():
     s = weakest_split(config, clients, b.batch_size, b.seq_len, b.rank_levels, headroom=b.headroom)
     assert s == 1 and uniform_rank(config, clients[0].memory, s, b.batch_size, b.seq_len, b.rank_levels,
                                    headroom=b.headroom) == 2  # SplitLoRA is held to rank 2 at split 1
-    a = preset("cpu_scale")
+    a = ccfg.experiment("a-paper", "splitlora", 0)
     assert uniform_rank(config, a.budget_bytes(config)[0], 1, a.batch_size, a.seq_len, a.rank_levels,
                         headroom=a.headroom) == 16  # in (a) memory does not bind
