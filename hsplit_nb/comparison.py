@@ -60,6 +60,28 @@ class ComparisonConfig(TypedConfig):
     def load(cls, path) -> "ComparisonConfig":
         return cls(**read_mapping(path))
 
+    @classmethod
+    def preset(cls, name: str) -> "ComparisonConfig":
+        """A comparison preset from configs/ (`comparison`, `comparison_quick`)."""
+        from .config import CONFIGS
+
+        path = CONFIGS / f"{name}.yaml"
+        if not path.is_file():
+            _bad("comparison", name, f"one of {sorted(p.stem for p in CONFIGS.glob('comparison*.yaml'))}")
+        return cls.load(path)
+
+    def narrow(self, settings=None, methods=None, seeds=None, **common) -> "ComparisonConfig":
+        """A smaller comparison on the same protocol: some settings, methods and seeds, some shared fields changed
+        (a notebook's live demonstration). Chosen seeds replace every setting's own."""
+        self.runs(settings, methods, seeds)  # unknown names are an error
+        core = [m for m in self.core if not methods or m in methods]
+        extras = [m for m in self.extras if not methods or m in methods]
+        kept = {k: {**v.model_dump(), **({"seeds": None} if seeds else {})}
+                for k, v in self.settings.items() if not settings or k in settings}
+        return ComparisonConfig(**{**self.model_dump(), "settings": kept, "core": core or extras,
+                                   "extras": extras if core else [], "seeds": seeds or self.seeds,
+                                   "extra_seeds": seeds or self.extra_seeds, "common": {**self.common, **common}})
+
     def experiment(self, setting: str, method: str, seed: int) -> ExperimentConfig:
         """The experiment config of one run: base preset, common fields, the setting's overrides, seed."""
         over = {**self.common, **self.settings[setting].overrides, "seed": seed, "methods": [method]}
@@ -205,7 +227,8 @@ def collect(ccfg: ComparisonConfig, out) -> tuple[pd.DataFrame, pd.DataFrame, pd
 def write_report(ccfg: ComparisonConfig, out, dest) -> dict[str, pd.DataFrame]:
     """Collect the finished runs and write the tidy tables and the figures with spreads to `dest`:
     comparison.csv (one row per setting, method and seed), comparison_summary.csv (mean and standard deviation
-    over seeds), comparison_claims.csv (each of the paper's claims per setting), comparison_targets.csv, and
+    over seeds), comparison_claims.csv (each of the paper's claims per setting), comparison_targets.csv,
+    comparison_curves.csv (every evaluation of every run), and
     per setting comparison_<setting>_rounds.png / _time.png, plus comparison_final_ppl.png and
     comparison_time_to_t50.png."""
     import matplotlib.pyplot as plt
@@ -220,7 +243,7 @@ def write_report(ccfg: ComparisonConfig, out, dest) -> dict[str, pd.DataFrame]:
         return {"runs": runs}
     summary = summarize_runs(runs)
     tables = {"comparison": runs, "comparison_summary": summary, "comparison_claims": claims(summary),
-              "comparison_targets": goal}
+              "comparison_targets": goal, "comparison_curves": curves}
     for name, df in tables.items():
         atomic_write_text(dest / f"{name}.csv", df.to_csv(index=False))
     for setting in runs["setting"].unique():
@@ -235,3 +258,12 @@ def write_report(ccfg: ComparisonConfig, out, dest) -> dict[str, pd.DataFrame]:
             save_figure(fig, dest, f"comparison_{tag}")
             plt.close(fig)
     return tables
+
+
+REPORT_TABLES = ("comparison", "comparison_summary", "comparison_claims", "comparison_targets", "comparison_curves")
+
+
+def read_report(dest) -> dict[str, pd.DataFrame]:
+    """The tables `write_report` wrote to `dest` (an empty dict when there are none), e.g. bench/results."""
+    dest = Path(dest)
+    return {name: pd.read_csv(dest / f"{name}.csv") for name in REPORT_TABLES if (dest / f"{name}.csv").is_file()}

@@ -131,3 +131,29 @@ def claims(summary: pd.DataFrame) -> pd.DataFrame:
     rows = [{"claim": text, **compare(summary, setting, a, b, col, low)}
             for setting in summary["setting"].unique() for text, a, b, col, low in CLAIMS]
     return pd.DataFrame(rows)
+
+
+def _fmt(column: str, v: float) -> str:
+    if column.startswith("trainable"):
+        return f"{v / 1e6:.3g}M"
+    return f"{v:.3g} s" if column.startswith("time_to") else f"{v:.3f}"
+
+
+def conclusions(claims_table: pd.DataFrame, summary: pd.DataFrame) -> list[str]:
+    """One sentence per claim and setting, with both means and spreads and the verdict, for notebooks and docs."""
+    s = summary.set_index(["setting", "method"])
+    out = []
+    for _, c in claims_table.iterrows():
+        if c["verdict"] in ("not run", "not measured"):
+            out.append(f"{c['setting']}: {c['claim']}: {c['verdict']}.")
+            continue
+
+        def side(m):
+            mean, std, n = s.loc[(c["setting"], m), f"{c['column']}_mean"], \
+                s.loc[(c["setting"], m), f"{c['column']}_std"], s.loc[(c["setting"], m), "seeds"]
+            spread = "" if np.isnan(std) else f" ± {_fmt(c['column'], std)}"
+            return f"{m} {_fmt(c['column'], mean)}{spread} ({n} seed{'s' if n > 1 else ''})"
+
+        out.append(f"{c['setting']}: {c['claim']}: {c['verdict']} ({c['column']}: {side(c['a'])} against "
+                   f"{side(c['b'])}).")
+    return out

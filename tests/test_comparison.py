@@ -5,13 +5,14 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
 from conftest import REPO
 from hsplit_nb import experiment
 from hsplit_nb.__main__ import main
-from hsplit_nb.comparison import ComparisonConfig, collect, run_comparison, write_report
+from hsplit_nb.comparison import ComparisonConfig, collect, read_report, run_comparison
 from hsplit_nb.config import ConfigError, PAPER_BUDGET_FRACTIONS
-from hsplit_nb.reporting import claims, compare, summarize_runs, targets, time_to
+from hsplit_nb.reporting import claims, compare, conclusions, summarize_runs, targets, time_to
 
 
 def _curve(ppls, times=None):
@@ -77,6 +78,11 @@ def test_a_claim_holds_only_beyond_the_spread(a, sa, b, sb, verdict):
     table = claims(_summary(a, sa, b, sb))
     assert table.loc[table["claim"] == "lower PPL than SplitLoRA", "verdict"].item() == verdict
     assert table.loc[table["claim"] == "lower PPL than HetLoRA", "verdict"].item() == "not run"
+    said = conclusions(table, _summary(a, sa, b, sb))
+    assert said[0] == (f"s: lower PPL than SplitLoRA: {verdict} (final_ppl: hsplitlora {a:.3f}"
+                       + ("" if math.isnan(sa) else f" ± {sa:.3f}") + f" (3 seeds) against splitlora {b:.3f} ± {sb:.3f}"
+                       " (3 seeds)).")
+    assert said[1] == "s: lower PPL than HetLoRA: not run."
 
 
 def _tiny_comparison(**over):
@@ -87,18 +93,26 @@ def _tiny_comparison(**over):
     return ComparisonConfig(**{**fields, **over})
 
 
-def test_each_run_is_its_own_folder_resumes_and_merges_into_one_tidy_table(tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def ran(tmp_path_factory):
+    """Setting a of the tiny comparison, core methods only, both seeds: 4 runs, shared by the tests below."""
+    out = tmp_path_factory.mktemp("comparison")
     ccfg = _tiny_comparison()
+    run_comparison(ccfg, out, settings=["a"], methods=["splitlora", "cenlora"], progress=False)
+    return ccfg, out
+
+
+def test_each_run_is_its_own_folder_resumes_and_merges_into_one_tidy_table(ran, monkeypatch):
+    ccfg, out = ran
     assert [(s.setting, s.method, s.seed) for s in ccfg.runs()] == [  # seed by seed
         ("a", "splitlora", 0), ("a", "cenlora", 0), ("a", "hsplitlora", 0), ("b", "splitlora", 0), ("b", "cenlora", 0),
         ("b", "hsplitlora", 0), ("a", "splitlora", 1), ("a", "cenlora", 1)]
-    run_comparison(ccfg, tmp_path, settings=["a"], methods=["splitlora", "cenlora"], progress=False)
-    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.glob("*/*/seed*")) == [
+    assert sorted(p.relative_to(out).as_posix() for p in out.glob("*/*/seed*")) == [
         "a/cenlora/seed0", "a/cenlora/seed1", "a/splitlora/seed0", "a/splitlora/seed1"]
-    assert not list(tmp_path.rglob("*.png"))  # per-run figures are left to the report
+    assert not list(out.rglob("*.png"))  # per-run figures are left to the report
     monkeypatch.setattr(experiment, "_Run", None)  # a finished run trains nothing when the comparison goes on
-    curves, runs, goal = collect(ccfg, tmp_path)
-    run_comparison(ccfg, tmp_path, settings=["a"], methods=["splitlora", "cenlora"], progress=False)
+    run_comparison(ccfg, out, settings=["a"], methods=["splitlora", "cenlora"], progress=False)
+    curves, runs, goal = collect(ccfg, out)
     assert len(runs) == 4 and set(runs["seed"]) == {0, 1}
     assert {"setting", "method", "seed", "final_ppl", "time_to_t25_s", "time_to_t50_s", "time_to_t75_s", "BLEU",
             "NIST", "METEOR", "ROUGE_L", "CIDEr", "eval_mrs"} <= set(runs.columns)
@@ -107,30 +121,32 @@ def test_each_run_is_its_own_folder_resumes_and_merges_into_one_tidy_table(tmp_p
     assert goal["setting"].tolist() == ["a"]
 
 
-def test_seeds_repeat_exactly_and_differ_from_each_other(tmp_path):
-    ccfg = _tiny_comparison(settings={"a": {}}, core=["hsplitlora"], extras=[], seeds=[0, 1])
-    run_comparison(ccfg, tmp_path / "first", progress=False)
-    run_comparison(ccfg, tmp_path / "again", seeds=[0], progress=False)
-    first, again = collect(ccfg, tmp_path / "first")[0], collect(ccfg, tmp_path / "again")[0]
+def test_seeds_repeat_exactly_and_differ_from_each_other(ran, tmp_path):
+    ccfg, out = ran
+    run_comparison(ccfg, tmp_path, settings=["a"], methods=["splitlora"], seeds=[0], progress=False)
+    first, again = collect(ccfg, out)[0], collect(ccfg, tmp_path)[0]
+    first = first[first["method"] == "splitlora"]
     cols = ["round", "val_ppl", "train_loss", "sim_time_s", "bytes_up", "bytes_down"]
     seed0 = first[first["seed"] == 0][cols].reset_index(drop=True)
     pd.testing.assert_frame_equal(seed0, again[cols].reset_index(drop=True))
     seed1 = first[first["seed"] == 1][cols].reset_index(drop=True)
     assert seed1["val_ppl"].iloc[0] == seed0["val_ppl"].iloc[0]  # round 0: the same model on the same MRs
     assert seed1["train_loss"].iloc[1] != seed0["train_loss"].iloc[1]  # other partition, initialisation, order
+    assert seed1["val_ppl"].iloc[1] != seed0["val_ppl"].iloc[1]
 
 
-def test_the_report_writes_tables_and_figures_with_spreads(tmp_path, capsys):
-    ccfg = _tiny_comparison(settings={"a": {}}, core=["splitlora", "cenlora"], extras=[])
+def test_the_report_writes_tables_and_figures_with_spreads(ran, tmp_path, capsys):
+    ccfg, out = ran
     cfg_path = tmp_path / "c.yaml"
-    import yaml
     cfg_path.write_text(yaml.safe_dump(ccfg.model_dump()))
-    assert main(["compare", "--config", str(cfg_path), "--out", str(tmp_path / "runs"), "--report",
-                 str(tmp_path / "rep")]) == 0
+    assert main(["compare", "--config", str(cfg_path), "--out", str(out), "--report", str(tmp_path / "rep"),
+                 "--report-only"]) == 0
     rep = tmp_path / "rep"
     summary = pd.read_csv(rep / "comparison_summary.csv")
     assert summary["seeds"].tolist() == [2, 2] and summary["final_ppl_std"].notna().all()
     assert len(pd.read_csv(rep / "comparison.csv")) == 4
+    assert set(read_report(rep)) == {"comparison", "comparison_summary", "comparison_claims", "comparison_targets",
+                                     "comparison_curves"}
     for f in ("comparison_a_rounds.png", "comparison_a_time.png", "comparison_final_ppl.png"):
         assert (rep / f).stat().st_size > 5000
     assert "4 runs" in capsys.readouterr().out
@@ -167,3 +183,17 @@ def test_the_shipped_comparison_and_its_binding_setting():
     a = ccfg.experiment("a-paper", "splitlora", 0)
     assert uniform_rank(config, a.budget_bytes(config)[0], 1, a.batch_size, a.seq_len, a.rank_levels,
                         headroom=a.headroom) == 16  # in (a) memory does not bind
+
+
+def test_presets_and_a_narrowed_comparison_keep_the_protocol():
+    full = ComparisonConfig.preset("comparison")
+    part = full.narrow(["b-binding"], ["hsplitlora", "ft"], [0, 1], rounds=2)
+    assert list(part.settings) == ["b-binding"] and part.core == ["hsplitlora"] and part.extras == ["ft"]
+    assert [(s.method, s.seed) for s in part.runs()] == [("hsplitlora", 0), ("ft", 0), ("hsplitlora", 1), ("ft", 1)]
+    cfg = part.experiment("b-binding", "hsplitlora", 1)
+    assert cfg.rounds == 2 and cfg.budgets == full.experiment("b-binding", "hsplitlora", 1).budgets
+    assert cfg.batch_size == 4 and cfg.eval_mrs == 100  # the rest of the protocol is kept
+    quick = ComparisonConfig.preset("comparison_quick")
+    assert set(quick.settings) == set(full.settings) and quick.core == full.core and quick.extras == full.extras
+    with pytest.raises(ConfigError, match=r"config field 'comparison': 'nope' is not allowed"):
+        ComparisonConfig.preset("nope")
