@@ -108,8 +108,7 @@ class ComparisonConfig(TypedConfig):
                 for seed in self.seeds_of(setting, method)
                 if (not settings or setting in settings) and (not methods or method in methods)
                 and (seeds is None or seed in seeds)]
-        order = list(dict.fromkeys(seed for seed, _, _ in sorted(keys, key=lambda k: k[0])))
-        keys.sort(key=lambda k: order.index(k[0]))  # stable: settings and methods keep their order
+        keys.sort(key=lambda k: k[0])  # stable: within a seed, settings and methods keep their order
         return [RunSpec(setting, method, seed, self.experiment(setting, method, seed)) for seed, setting, method in keys]
 
 
@@ -130,9 +129,9 @@ ELAPSED = "elapsed.json"
 def _table(path: Path) -> pd.DataFrame:
     try:
         return pd.read_csv(path)
-    except FileNotFoundError:
+    except (FileNotFoundError, pd.errors.EmptyDataError):  # not written yet, or written before any row
         return pd.DataFrame()
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
         raise RunFolderError(f"{path} cannot be read as results ({' '.join(str(exc).split())[:200]}); delete the "
                              "run's folder to run it again") from None
 

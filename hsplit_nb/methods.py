@@ -63,6 +63,16 @@ class ServerAdapterPolicy:
     name: str
     shared: bool
 
+    def planned(self, x: "PlanInputs", splits: list[int], ranks: list[dict[str, int]], rank_policy: "RankPolicy"):
+        """Each client's plan as its own adapter will hold it. Per client, the server-side copy takes the ranks the
+        shared set would have there (from the server's budget, never the client's), so that this variant
+        changes the server schedule alone, not also the server's adapter capacity."""
+        if self.shared or rank_policy.server is None:
+            return ranks
+        matrices = planner.candidate_matrices(x.config)
+        return [{**{n: r for n, r in rk.items() if planner.layer_of(n) < s},
+                 **rank_policy.server(x, ranks, [m for m in matrices if m.layer >= s])} for s, rk in zip(splits, ranks)]
+
     def client_ranks(self, ranks: dict[str, int], split_point: int) -> dict[str, int]:
         """The ranks of a client's own adapter: every matrix, or only its device side when the server's are shared."""
         if not self.shared:

@@ -179,3 +179,22 @@ def test_server_adapter_budget_from_the_config_and_the_command_line_sets_the_sha
                                  "--set", f"server_adapter_budget={budget:g}", "--set", "lr=3e-3"])
     cfg = _config(args)
     assert cfg.server_adapter_budget == float(f"{budget:g}") and cfg.lr == 0.003
+
+
+def test_per_client_server_copies_take_the_shared_sets_ranks_so_the_ablation_changes_the_schedule_alone():
+    """The SFL-V1 variant differs from HSplitLoRA in the server schedule only: each client's server-side copy has
+    the ranks the shared set has on those matrices (the server's budget), never ranks cut by the client's budget."""
+    from hsplit_nb.adapters import layer_of
+
+    shared = _run("hsplitlora").fed
+    per_client = _run("hsplitlora-per-client-server").fed
+    shared_ranks = {n: lora_layer(shared.pm, n, SERVER_ADAPTER).r[SERVER_ADAPTER]
+                    for n in adapter_names(shared.pm, SERVER_ADAPTER)}
+    expected_params = 0
+    for c in per_client.clients:
+        mine = {n: lora_layer(per_client.pm, n, c.name).r[c.name] for n in adapter_names(per_client.pm, c.name)
+                if layer_of(n) >= c.split_point}
+        theirs = {n: r for n, r in shared_ranks.items() if layer_of(n) >= c.split_point}
+        assert mine == theirs and len(mine) > 0
+        expected_params += sum(r * sum(base_weight(shared.pm, n).shape) for n, r in theirs.items())
+    assert per_client.trainable_params()[1] == expected_params

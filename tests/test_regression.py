@@ -1,5 +1,5 @@
 """Behaviour kept: every method on the quick preset (tiny LLaMA) gives the rows recorded by
-tests/fixtures/record_quick_regression.py, to 1e-6, wall time aside.
+tests/fixtures/record_quick_regression.py, to 1e-6 (absolute and relative), wall time aside.
 
 The fixture was recorded before the redesign of issue 10 (which kept it) and recorded again, on purpose, when
 the main server, the common initialisation, fixed alpha and persistent optimizer state changed behaviour
@@ -29,7 +29,8 @@ def _same(new: pd.DataFrame, old: pd.DataFrame, what: str) -> None:
     for col in old.columns:
         a, b = new[col].to_numpy(), old[col].to_numpy()
         if pd.api.types.is_numeric_dtype(old[col]):
-            assert np.allclose(a.astype(float), b.astype(float), rtol=0, atol=1e-6, equal_nan=True), (what, col)
+            # 1e-6 relative as well: float32 reductions differ by about 1e-7 relative between CPU types (Xeon, EPYC)
+            assert np.allclose(a.astype(float), b.astype(float), rtol=1e-6, atol=1e-6, equal_nan=True), (what, col)
         else:
             assert [str(x) for x in a] == [str(x) for x in b], (what, col)
 

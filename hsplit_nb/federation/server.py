@@ -188,7 +188,7 @@ class MainServer:
         """Split point and ranks per present client, by the method's policies (`uniform`: ignore IWI)."""
         x = self._plan_inputs(uniform)
         splits = self.method.split.choose(x)
-        ranks = self.method.ranks.choose(x, splits)
+        ranks = self.method.server.planned(x, splits, self.method.ranks.choose(x, splits), self.method.ranks)
         return {c.name: (s, r) for c, s, r in zip(self.present, splits, ranks)}
 
     def _build_shared_server_adapter(self) -> None:
