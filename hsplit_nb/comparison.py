@@ -137,10 +137,21 @@ def _table(path: Path) -> pd.DataFrame:
 
 
 def _final_metrics(spec: RunSpec, out) -> dict | None:
-    """The run's final metrics row (or its note that no client fits), or None while it is unfinished."""
-    metrics = _table(spec.folder(out) / "metrics.csv")
+    """The run's final metrics row (or its note that no client fits), or None while it is unfinished. A finished
+    folder measured with another protocol is refused, naming the fields, so that one report never mixes two."""
+    from .runfolder import config_differences
+
+    folder = spec.folder(out)
+    metrics = _table(folder / "metrics.csv")
     mine = metrics[metrics["method"] == spec.method] if "method" in metrics else metrics
-    return None if mine.empty else mine.iloc[0].to_dict()
+    if mine.empty:
+        return None
+    saved = ExperimentConfig.load(folder / "config.json")
+    changed = [d for d in config_differences(saved, spec.cfg) if not d.startswith("data:")]
+    if changed:
+        raise RunFolderError(f"{folder} holds a finished run of another protocol ({'; '.join(changed)}); move it "
+                             "away or delete it to run it again")
+    return mine.iloc[0].to_dict()
 
 
 def finished(spec: RunSpec, out) -> bool:

@@ -12,6 +12,7 @@ from hsplit_nb import experiment
 from hsplit_nb.__main__ import main
 from hsplit_nb.comparison import ComparisonConfig, collect, read_report, run_comparison
 from hsplit_nb.config import ConfigError, PAPER_BUDGET_FRACTIONS
+from hsplit_nb.runfolder import RunFolderError
 from hsplit_nb.reporting import claims, compare, conclusions, summarize_runs, targets, time_to
 
 
@@ -119,6 +120,13 @@ def test_each_run_is_its_own_folder_resumes_and_merges_into_one_tidy_table(ran, 
     assert (runs["eval_mrs"] == 2).all() and (runs["wall_time_run_s"] > 0).all()
     assert set(curves["round"]) == {0, 1} and len(curves) == 8
     assert goal["setting"].tolist() == ["a"]
+
+
+def test_a_finished_run_of_another_protocol_is_refused_not_merged(ran):
+    ccfg, out = ran
+    changed = ccfg.model_copy(update={"common": {**ccfg.common, "lr": 0.01}})
+    with pytest.raises(RunFolderError, match=r"seed0 holds a finished run of another protocol \(lr: 0.003 -> 0.01\)"):
+        collect(changed, out)
 
 
 def test_seeds_repeat_exactly_and_differ_from_each_other(ran, tmp_path):
