@@ -170,10 +170,16 @@ def plot_curves_with_spread(curves: pd.DataFrame, setting: str, x: str = "round"
             continue
         by = m.groupby("round")
         xs, ppl = by[x].mean(), by["val_ppl"]
-        line, = ax.plot(xs, ppl.mean(), marker="o", ms=3, label=f"{name} ({m['seed'].nunique()} seeds)")
+        n = m["seed"].nunique()
+        line, = ax.plot(xs, ppl.mean(), marker="o", ms=3, label=f"{name} ({n} seed{'s' if n > 1 else ''})")
         if m["seed"].nunique() > 1:
             ax.fill_between(xs, ppl.min(), ppl.max(), color=line.get_color(), alpha=0.15)
+    from matplotlib.ticker import ScalarFormatter
+
     ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(ScalarFormatter())
+    ax.yaxis.set_minor_formatter(ScalarFormatter())
+    ax.tick_params(axis="y", which="minor", labelsize=7)
     ax.set(xlabel="round" if x == "round" else "simulated time (s)", ylabel="validation PPL (log scale)",
            title=f"{setting}: mean over seeds, band = lowest to highest seed")
     ax.grid(alpha=0.3, which="both")
