@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 def report(ccfg: ComparisonConfig, out: Path, config_path: str) -> None:
     tables = write_report(ccfg, out, RESULTS)
-    runs = tables.get("comparison", tables.get("runs"))
+    runs = tables["comparison"]
     specs = ccfg.runs()
     done = [s for s in specs if finished(s, out)]
     wall = float(runs["wall_time_run_s"].sum()) if "wall_time_run_s" in runs else 0.0

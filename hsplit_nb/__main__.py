@@ -166,7 +166,7 @@ def _compare(args) -> int:
     if not args.report_only:
         run_comparison(ccfg, args.out, args.settings, args.methods, args.seeds, data=args.data)
     tables = write_report(ccfg, args.out, args.report or args.out)
-    runs = tables["runs" if "runs" in tables else "comparison"]
+    runs = tables["comparison"]
     if runs.empty:
         print("no finished run yet")
         return 0

@@ -7,6 +7,7 @@ done in pieces and across sessions; `collect` merges every finished folder into 
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import dataclass
@@ -81,6 +82,11 @@ class ComparisonConfig(TypedConfig):
         return ComparisonConfig(**{**self.model_dump(), "settings": kept, "core": core or extras,
                                    "extras": extras if core else [], "seeds": seeds or self.seeds,
                                    "extra_seeds": seeds or self.extra_seeds, "common": {**self.common, **common}})
+
+    def fingerprint(self) -> str:
+        """A short hash of the whole comparison: one output folder per distinct protocol (as
+        `ExperimentConfig.fingerprint` gives one per setting)."""
+        return hashlib.sha1(json.dumps(self.model_dump(), sort_keys=True).encode()).hexdigest()[:10]
 
     def experiment(self, setting: str, method: str, seed: int) -> ExperimentConfig:
         """The experiment config of one run: base preset, common fields, the setting's overrides, seed."""
@@ -158,10 +164,16 @@ def finished(spec: RunSpec, out) -> bool:
     return _final_metrics(spec, out) is not None
 
 
+def _elapsed(folder: Path) -> float | None:
+    """Wall seconds spent on a run so far, over every invocation (None before the first ends)."""
+    path = folder / ELAPSED
+    return read_mapping(path).get("seconds") if path.is_file() else None
+
+
 def run_comparison(ccfg: ComparisonConfig, out, settings=None, methods=None, seeds=None, data=None,
-                   progress: bool = True) -> pd.DataFrame:
-    """Run the selected, unfinished runs of the comparison (each resumable in its own folder), then collect.
-    `data` overrides every run's data folder. The wall seconds spent on each run are added up in its
+                   progress: bool = True) -> None:
+    """Run the selected, unfinished runs of the comparison, each resumable in its own folder (`collect` merges
+    them). `data` overrides every run's data folder. The wall seconds spent on each run are added up in its
     folder's elapsed.json, so the comparison's total time survives being run in pieces."""
     from .experiment import run_experiment
 
@@ -177,9 +189,8 @@ def run_comparison(ccfg: ComparisonConfig, out, settings=None, methods=None, see
             run_experiment(spec.cfg, out_dir=folder, progress=False, figures=False)
         finally:
             if folder.is_dir():
-                before = read_mapping(folder / ELAPSED).get("seconds", 0.0) if (folder / ELAPSED).is_file() else 0.0
+                before = _elapsed(folder) or 0.0
                 atomic_write_json(folder / ELAPSED, {"seconds": before + time.perf_counter() - start})
-    return collect(ccfg, out)[1]
 
 
 def _read_run(spec: RunSpec, out) -> tuple[pd.DataFrame, dict] | None:
@@ -192,8 +203,7 @@ def _read_run(spec: RunSpec, out) -> tuple[pd.DataFrame, dict] | None:
     if len(curve):
         curve = curve[curve["method"] == spec.method].drop(columns=[k for k in METRICS if k in curve])
         curve = curve.assign(**keys)[list(keys) + [c for c in curve.columns if c not in keys]]
-    elapsed = read_mapping(folder / ELAPSED).get("seconds") if (folder / ELAPSED).is_file() else None
-    return curve, {**keys, "m": m, "elapsed": elapsed}
+    return curve, {**keys, "m": m, "elapsed": _elapsed(folder)}
 
 
 def _run_row(spec: RunSpec, curve: pd.DataFrame, info: dict) -> dict:
@@ -250,7 +260,7 @@ def write_report(ccfg: ComparisonConfig, out, dest) -> dict[str, pd.DataFrame]:
     dest = Path(dest)
     curves, runs, goal = collect(ccfg, out)
     if runs.empty:
-        return {"runs": runs}
+        return {"comparison": runs}
     summary = summarize_runs(runs)
     tables = {"comparison": runs, "comparison_summary": summary, "comparison_claims": claims(summary),
               "comparison_targets": goal, "comparison_curves": curves}

@@ -16,6 +16,7 @@ import torch
 from .adapters import Matrix, candidate_matrices, layer_of  # noqa: F401  (layer_of re-exported)
 from .architectures import num_blocks
 from .costs import (  # noqa: F401  (re-exported: the cost models used to live here)
+    uniform_budget,
     ADAPTER_COPIES_BYTES, DEFAULT_BANDWIDTH, FLOPS_PER_BUDGET_BYTE, ClientMemory, ClientSpec, Dims, RoundCosts,
     activation_bytes, aggregation_bytes, round_seconds,
     adapter_bytes, block_flops, client_memory, default_server_speed, dtype_bytes, head_flops, measure_client_memory,
@@ -322,8 +323,7 @@ def every_matrix(config, rank: int) -> dict[str, int]:
 
 
 def _uniform_fits(config, split_point: int, rank: int, batch_size, seq_len, p, room) -> bool:
-    kinds = {m.kind: rank for m in candidate_matrices(config)}
-    return client_memory(config, split_point, kinds, batch_size, seq_len, p) <= room
+    return uniform_budget(config, split_point, rank, batch_size, seq_len, headroom=0.0, dtype=p) <= room
 
 
 def weakest_split(config, clients: list[ClientSpec], batch_size: int = 8, seq_len: int = 64,

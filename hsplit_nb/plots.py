@@ -12,18 +12,24 @@ def _by_method(df: pd.DataFrame):
         yield name, part.sort_values("round")
 
 
+def _log_ppl_axis(ax) -> None:
+    """A log-scale PPL axis labelled with plain numbers (4, 5, 6 rather than 6 x 10^0)."""
+    from matplotlib.ticker import ScalarFormatter
+
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(ScalarFormatter())
+    ax.yaxis.set_minor_formatter(ScalarFormatter())
+    ax.tick_params(axis="y", which="minor", labelsize=7)
+
+
 def _plot_ppl(df: pd.DataFrame, x: str, xlabel: str, title: str, ax=None):
-    from matplotlib.ticker import MaxNLocator, ScalarFormatter
+    from matplotlib.ticker import MaxNLocator
 
     ax = ax or plt.subplots(figsize=(7, 4.5))[1]
     for name, part in _by_method(df):
         ax.plot(part[x], part["val_ppl"], marker="o", ms=3, label=name)
     ax.set(xlabel=xlabel, ylabel="validation perplexity (reference tokens, log scale)", title=title)
-    ax.set_yscale("log")
-    for axis in (ax.yaxis,):
-        axis.set_major_formatter(ScalarFormatter())
-        axis.set_minor_formatter(ScalarFormatter())
-    ax.tick_params(axis="y", which="minor", labelsize=7)
+    _log_ppl_axis(ax)
     if x == "round":
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3, which="both")
@@ -172,14 +178,9 @@ def plot_curves_with_spread(curves: pd.DataFrame, setting: str, x: str = "round"
         xs, ppl = by[x].mean(), by["val_ppl"]
         n = m["seed"].nunique()
         line, = ax.plot(xs, ppl.mean(), marker="o", ms=3, label=f"{name} ({n} seed{'s' if n > 1 else ''})")
-        if m["seed"].nunique() > 1:
+        if n > 1:
             ax.fill_between(xs, ppl.min(), ppl.max(), color=line.get_color(), alpha=0.15)
-    from matplotlib.ticker import ScalarFormatter
-
-    ax.set_yscale("log")
-    ax.yaxis.set_major_formatter(ScalarFormatter())
-    ax.yaxis.set_minor_formatter(ScalarFormatter())
-    ax.tick_params(axis="y", which="minor", labelsize=7)
+    _log_ppl_axis(ax)
     ax.set(xlabel="round" if x == "round" else "simulated time (s)", ylabel="validation PPL (log scale)",
            title=f"{setting}: mean over seeds, band = lowest to highest seed")
     ax.grid(alpha=0.3, which="both")

@@ -203,5 +203,7 @@ def test_presets_and_a_narrowed_comparison_keep_the_protocol():
     assert cfg.batch_size == 4 and cfg.eval_mrs == 100  # the rest of the protocol is kept
     quick = ComparisonConfig.preset("comparison_quick")
     assert set(quick.settings) == set(full.settings) and quick.core == full.core and quick.extras == full.extras
+    assert part.fingerprint() != full.fingerprint() != quick.fingerprint()
+    assert part.fingerprint() == full.narrow(["b-binding"], ["hsplitlora", "ft"], [0, 1], rounds=2).fingerprint()
     with pytest.raises(ConfigError, match=r"config field 'comparison': 'nope' is not allowed"):
         ComparisonConfig.preset("nope")
