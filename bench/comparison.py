@@ -6,19 +6,27 @@ in pieces and across sessions: start it again and it goes on where it stopped. `
 `--seeds` select a part. After every run the merged tables and figures are rewritten in bench/results/:
 comparison.csv (one row per setting, method and seed), comparison_summary.csv (means and spreads),
 comparison_claims.csv, comparison_targets.csv, comparison_*.png, and comparison.json (the machine, and the
-wall time of all finished runs added up).
+wall time of all finished runs added up, and every invocation's clock time).
+
+`--workers N` runs N runs at a time, each in its own process with cores/N torch threads (the runs are
+independent folders): on 2 cores, two single-threaded runs finish sooner than two runs one after the other,
+because beam-search generation at these sizes is bound by per-step overhead rather than arithmetic.
 """
 from __future__ import annotations
 
 import argparse
+import datetime
+import os
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine  # noqa: E402
 
 from hsplit_nb.comparison import ComparisonConfig, finished, run_comparison, write_report  # noqa: E402
-from hsplit_nb.io import atomic_write_json  # noqa: E402
+from hsplit_nb.io import atomic_write_json, read_mapping  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parent.parent
@@ -30,16 +38,69 @@ def report(ccfg: ComparisonConfig, out: Path, config_path: str) -> None:
     specs = ccfg.runs()
     done = [s for s in specs if finished(s, out)]
     wall = float(runs["wall_time_run_s"].sum()) if "wall_time_run_s" in runs else 0.0
+    calls = _invocations()
+    clock = sum(c["seconds"] for c in calls)
     atomic_write_json(RESULTS / "comparison.json", {
         "benchmark": "comparison", "config": ccfg.model_dump(), "config_file": config_path,
         "runs_finished": len(done), "runs_total": len(specs), "wall_seconds_all_finished_runs": wall,
-        "machine": machine()})
-    print(f"{len(done)} of {len(specs)} runs finished; {wall / 3600:.2f} h of wall time in them")
+        "clock_seconds_all_invocations": clock, "invocations": calls, "machine": machine()})
+    print(f"{len(done)} of {len(specs)} runs finished; {wall / 3600:.2f} h of wall time in them, "
+          f"{clock / 3600:.2f} h on the clock")
     if "comparison_summary" in tables:
         s = tables["comparison_summary"]
         cols = [c for c in ("setting", "method", "seeds", "final_ppl_mean", "final_ppl_std", "time_to_t50_s_mean",
                             "reached_t50", "BLEU_mean", "CIDEr_mean") if c in s]
         print(s[cols].round(4).to_string(index=False))
+
+
+INVOCATIONS = RESULTS / "comparison" / "invocations.json"
+
+
+def _invocations() -> list[dict]:
+    return read_mapping(INVOCATIONS).get("invocations", []) if INVOCATIONS.is_file() else []
+
+
+def _clock(started: str, seconds: float, workers: int, runs: int) -> None:
+    """Record (or update) this invocation's clock time, so the comparison's total survives a killed session."""
+    calls = [c for c in _invocations() if c["started"] != started]
+    calls.append({"started": started, "seconds": seconds, "workers": workers, "runs_selected": runs})
+    atomic_write_json(INVOCATIONS, {"invocations": sorted(calls, key=lambda c: c["started"])})
+
+
+def run_workers(args, argv: list[str], todo: int) -> None:
+    """Start `args.workers` copies of this script, each on every N-th selected run, and wait for them."""
+    n = args.workers
+    threads = max(1, (os.cpu_count() or 1) // n)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    procs = [subprocess.Popen([sys.executable, __file__, *argv, "--shard", f"{i}/{n}", "--threads", str(threads)],
+                              env=env) for i in range(n)]
+    started, t0 = datetime.datetime.now().isoformat(timespec="seconds"), time.perf_counter()
+    try:
+        while any(p.poll() is None for p in procs):
+            _clock(started, time.perf_counter() - t0, n, todo)
+            time.sleep(30)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+        _clock(started, time.perf_counter() - t0, n, todo)
+    bad = [p.returncode for p in procs if p.returncode]
+    if bad:
+        raise SystemExit(f"a worker failed (exit status {bad[0]}); its run resumes when started again")
+
+
+def run_shard(ccfg, out, args) -> None:
+    """Run this process's share of the selected unfinished runs, one at a time, rewriting the report after each."""
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    i, n = (int(x) for x in (args.shard or "0/1").split("/"))
+    todo = [s for s in ccfg.runs(args.settings, args.methods, args.seeds) if not finished(s, out)]
+    for spec in todo[i::n]:
+        run_comparison(ccfg, out, [spec.setting], [spec.method], [spec.seed], data=args.data, progress=False)
+        report(ccfg, out, args.config)
+        print(f"finished {spec.setting} / {spec.method} / seed {spec.seed}", flush=True)
 
 
 def main(argv=None) -> None:
@@ -51,16 +112,28 @@ def main(argv=None) -> None:
     ap.add_argument("--seeds", nargs="+", type=int)
     ap.add_argument("--out", default=str(RESULTS / "comparison"))
     ap.add_argument("--report-only", action="store_true", help="train nothing: merge the finished runs")
+    ap.add_argument("--workers", type=int, default=1, help="runs at a time, each in its own process (default 1)")
+    ap.add_argument("--shard", help=argparse.SUPPRESS)  # i/N: a worker's share (every N-th unfinished run)
+    ap.add_argument("--threads", type=int, help=argparse.SUPPRESS)
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = ap.parse_args(argv)
+    if args.workers < 1:
+        ap.error(f"--workers must be at least 1, got {args.workers}")
     ccfg = ComparisonConfig.load(args.config)
     out = Path(args.out)
     if not args.report_only:
-        for spec in ccfg.runs(args.settings, args.methods, args.seeds):  # one at a time: a report after each
-            if not finished(spec, out):
-                run_comparison(ccfg, out, [spec.setting], [spec.method], [spec.seed], data=args.data,
-                               progress=False)
-                report(ccfg, out, args.config)
-                print(f"finished {spec.setting} / {spec.method} / seed {spec.seed}", flush=True)
+        todo = sum(not finished(s, out) for s in ccfg.runs(args.settings, args.methods, args.seeds))
+        if args.shard:
+            run_shard(ccfg, out, args)
+            return
+        if args.workers > 1:
+            run_workers(args, argv, todo)
+        else:
+            started, t0 = datetime.datetime.now().isoformat(timespec="seconds"), time.perf_counter()
+            try:
+                run_shard(ccfg, out, args)
+            finally:
+                _clock(started, time.perf_counter() - t0, 1, todo)
     report(ccfg, out, args.config)
 
 

@@ -141,6 +141,7 @@ class ExperimentConfig(TypedConfig):
     val_examples: PositiveInt = 128
     eval_mrs: PositiveInt = 20
     num_beams: PositiveInt = 4
+    eval_batch_size: PositiveInt | None = None  # MRs per generation batch (null: batch_size)
     max_new_tokens: PositiveInt = 60
     final_metrics: Annotated[bool, Field(strict=True)] = True
     events: list[Event] = Field(default_factory=list)

@@ -138,7 +138,7 @@ class _Run:
         test = self.splits.test
         with self.fed.global_model() as model:
             outputs = generate(model, self.tok, list(test["mr"]), self.cfg.max_new_tokens, self.cfg.num_beams,
-                               self.cfg.batch_size, self.cfg.device)
+                               self.cfg.eval_batch_size or self.cfg.batch_size, self.cfg.device)
         return {"method": self.name, **e2e_metrics(outputs, list(test["refs"])),
                 "outputs": json.dumps(outputs)}
 

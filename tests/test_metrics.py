@@ -99,3 +99,12 @@ def test_generate_returns_one_output_per_mr():
                     num_beams=2, batch_size=2)
     assert len(outs) == 3 and all(isinstance(o, str) for o in outs)
     assert tok.padding_side == "right"
+
+
+def test_generation_batch_size_does_not_change_the_outputs():
+    """Left padding with its attention mask: batching MRs of different lengths gives each MR the output it gets
+    alone (the comparison generates 20 MRs at a time for speed: eval_batch_size)."""
+    model, tok = tiny_model("llama")
+    mrs = ["name[A], area[riverside]", "name[B]", "name[C], food[French], priceRange[high]"]
+    alone = [generate(model, tok, [mr], max_new_tokens=6, num_beams=2, batch_size=1)[0] for mr in mrs]
+    assert generate(model, tok, mrs, max_new_tokens=6, num_beams=2, batch_size=3) == alone
