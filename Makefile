@@ -21,7 +21,7 @@ test: $(STAMP)
 	$(PY) -m pytest
 
 reproduce: $(STAMP)
-	$(PY) -m hsplit_nb reproduce --out results/notebooks
+	$(PY) -m hsplit_nb reproduce --out results/notebooks --publish docs/notebooks
 
 quickstart: $(STAMP)
 	$(PY) -m hsplit_nb quickstart --out results/quickstart

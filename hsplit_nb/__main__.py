@@ -53,6 +53,8 @@ def _add_reproduce(sub) -> None:
     rep.add_argument("--quick", action="store_true", help="quick mode (tiny model), as CI runs them")
     rep.add_argument("--only", nargs="+", help="notebooks to run, e.g. 01 03_armsc")
     rep.add_argument("--out", default="results/notebooks")
+    rep.add_argument("--publish", metavar="DIR",
+                     help="also write a Markdown page per notebook, with its figures, under DIR (docs/notebooks)")
 
 
 def _add_quickstart(sub) -> None:
@@ -215,6 +217,11 @@ def _reproduce(args) -> int:
     from .reproduce import run_notebooks
 
     run_notebooks(args.out, quick=args.quick, only=args.only)
+    if args.publish:
+        from .reproduce import publish
+
+        for page in publish(args.out, args.publish):
+            print(f"wrote {page}")
     return 0
 
 

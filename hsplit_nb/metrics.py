@@ -163,10 +163,23 @@ def e2e_metrics(hypotheses: list[str], references: list[list[str]]) -> dict[str,
             **coco_metrics(hypotheses, references)}
 
 
+def line_end_ids(tokenizer) -> list[int]:
+    """The end-of-sequence token and every token whose text holds a newline: an output is its first line, so a beam
+    that starts a second one is finished (and scored) there instead of spending steps on text that is cut off."""
+    cached = getattr(tokenizer, "_hsplit_line_end_ids", None)
+    if cached is None:
+        vocab = tokenizer.get_vocab()
+        texts = tokenizer.batch_decode([[i] for i in vocab.values()])
+        cached = sorted({tokenizer.eos_token_id} | {i for i, t in zip(vocab.values(), texts) if "\n" in t})
+        tokenizer._hsplit_line_end_ids = cached
+    return cached
+
+
 @torch.no_grad()
 def generate(model, tokenizer, mrs: list[str], max_new_tokens: int = 60, num_beams: int = 4, batch_size: int = 8,
              device="cpu", progress: bool = False) -> list[str]:
-    """Beam-search outputs for MRs with transformers' generate (left-padded prompts, greedy beams, no sampling)."""
+    """Beam-search outputs for MRs with transformers' generate (left-padded prompts, no sampling); each output is the
+    first line of what is generated, and a beam ends at its first line end (`line_end_ids`)."""
     from tqdm.auto import tqdm
 
     from .data import SEPARATOR
@@ -181,7 +194,7 @@ def generate(model, tokenizer, mrs: list[str], max_new_tokens: int = 60, num_bea
             enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
             beams = {"num_beams": num_beams, "early_stopping": True} if num_beams > 1 else {}
             out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, **beams,
-                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=line_end_ids(tokenizer))
             texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
             outputs += [t.strip().split("\n")[0].strip() for t in texts]
     finally:

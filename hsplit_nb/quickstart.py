@@ -1,4 +1,6 @@
-"""The main job for now: split LoRA fine-tuning of one client and one server, PPL before and after."""
+"""The quickest results: split LoRA fine-tuning of one client and one server, PPL before and after
+(`python -m hsplit_nb quickstart`), and notebook 00's small federation, one setting of the comparison
+shortened to a few minutes."""
 from __future__ import annotations
 
 import math
@@ -91,3 +93,43 @@ def run_split_lora(cfg: QuickstartConfig, out_dir=None, progress: bool = True) -
         atomic_write_text(out / "steps.csv", steps.to_csv(index=False))
         atomic_write_json(out / "metrics.json", summary)
     return {**summary, "steps": steps}
+
+
+def quickstart_config(quick: bool, setting: str = "b-binding", seed: int = 0, **overrides):
+    """Notebook 00's federation: `setting` of the comparison preset (comparison_quick in quick mode), shortened to
+    1 round (quick) or 2, 8 or 32 validation examples, no generation. Overrides of None keep these defaults."""
+    from .comparison import ComparisonConfig
+    from .config import _bad
+
+    ccfg = ComparisonConfig.preset("comparison_quick" if quick else "comparison")
+    if setting not in ccfg.settings:
+        _bad("setting", setting, f"one of {', '.join(ccfg.settings)}")
+    short = {"rounds": 1 if quick else 2, "val_examples": 8 if quick else 32}
+    chosen = {k: v for k, v in overrides.items() if v is not None}
+    return ccfg.experiment(setting, "hsplitlora", seed).replace(**{**short, **chosen, "final_metrics": False})
+
+
+def run_quickstart(cfg, methods, out_dir) -> pd.DataFrame:
+    """Train `methods` on `cfg` in one resumable folder per setting under out_dir (methods already there are read
+    back, not trained again) and return every method's rounds."""
+    from .experiment import run_experiment
+
+    return run_experiment(cfg, methods=list(methods), out_dir=Path(out_dir) / f"run-{cfg.fingerprint()}")
+
+
+def first_plan(df: pd.DataFrame, cfg) -> pd.DataFrame:
+    """HSplitLoRA's configuration before its first round, one row per client: budget, split point, and the sum of
+    the ranks ARMSC planned for it over every matrix (results.csv's rank_c<k>). `attrs["n_blocks"]` is the model's depth, for the architecture diagram."""
+    from .models import model_config
+    from .split import num_blocks
+
+    config = model_config(cfg.model)
+    row = df[(df["method"] == "hsplitlora") & (df["round"] == 0)]
+    if row.empty:
+        raise ValueError("df: no round 0 of hsplitlora; run it first (run_quickstart(cfg, ['hsplitlora'], ...))")
+    row = row.iloc[0]
+    budgets = cfg.budget_bytes(config)
+    plan = pd.DataFrame([{"client": name, "budget_bytes": budgets[k], "split_point": int(row[f"split_c{k}"]),
+                          "planned_rank_sum": int(row[f"rank_c{k}"])} for k, name in enumerate(cfg.client_names())])
+    plan.attrs["n_blocks"] = num_blocks(config)
+    return plan

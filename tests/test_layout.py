@@ -16,7 +16,7 @@ FLOORS = [
     ("experiments and their figures", ["experiment", "runfolder", "plots", "quickstart", "reporting",
                                         "comparison"]),
     ("the multi-process runner", ["distributed"]),
-    ("notebooks, widgets and the command line", ["notebook", "widgets", "reproduce", "__main__", "__init__"]),
+    ("notebooks, widgets and the command line", ["notebook", "walkthrough", "widgets", "reproduce", "__main__", "__init__"]),
 ]
 FLOOR = {name: k for k, (_, names) in enumerate(FLOORS) for name in names}
 

@@ -108,3 +108,23 @@ def test_generation_batch_size_does_not_change_the_outputs():
     mrs = ["name[A], area[riverside]", "name[B]", "name[C], food[French], priceRange[high]"]
     alone = [generate(model, tok, [mr], max_new_tokens=6, num_beams=2, batch_size=1)[0] for mr in mrs]
     assert generate(model, tok, mrs, max_new_tokens=6, num_beams=2, batch_size=3) == alone
+
+
+def test_a_beam_ends_at_its_first_line_end_and_greedy_outputs_do_not_change():
+    """generate keeps the first line of what the model writes, so stopping at a newline token must give the same
+    greedy output as generating on and cutting; the stop list holds EOS and every token with a newline."""
+    from hsplit_nb.data import SEPARATOR
+    from hsplit_nb.metrics import line_end_ids
+
+    model, tok = tiny_model("llama", seed=3)
+    ids = line_end_ids(tok)
+    assert tok.eos_token_id in ids and tok("\n", add_special_tokens=False)["input_ids"][0] in ids
+    assert all("\n" in tok.decode([i]) for i in ids if i != tok.eos_token_id)
+    mrs = ["name[A], area[riverside]", "name[B]"]
+    cut = []
+    for mr in mrs:
+        enc = tok([mr + SEPARATOR], return_tensors="pt", add_special_tokens=False)
+        out = model.generate(**enc, max_new_tokens=40, do_sample=False, pad_token_id=tok.pad_token_id,
+                             eos_token_id=tok.eos_token_id)
+        cut.append(tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip().split("\n")[0].strip())
+    assert generate(model, tok, mrs, max_new_tokens=40, num_beams=1, batch_size=1) == cut

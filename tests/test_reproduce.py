@@ -2,7 +2,7 @@
 import nbformat
 import pytest
 
-from hsplit_nb.reproduce import NOTEBOOK_DIR, notebooks, run_notebooks
+from hsplit_nb.reproduce import NOTEBOOK_DIR, PANEL_NOTE, notebooks, publish, run_notebooks
 
 
 def _write(path, *sources, tags_first=True):
@@ -44,3 +44,31 @@ def test_the_walkthrough_is_complete_and_committed_clean():
         assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), f"{p.name} has outputs"
         heavy = [c for c in nb.cells if c.cell_type == "code" and c.source.count("\n") > 30]
         assert not heavy, f"{p.name}: a cell of over 30 lines belongs in hsplit_nb"
+
+
+def test_publish_writes_a_page_per_notebook_with_prose_tables_and_figures_but_no_code(tmp_path):
+    src, out, docs = tmp_path / "nbs", tmp_path / "out", tmp_path / "docs"
+    src.mkdir()
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_markdown_cell("# 00 · A lesson\n\nWhat we are about to see."),
+                nbformat.v4.new_code_cell("out_dir = 'x'"),
+                nbformat.v4.new_code_cell("import sys, pandas as pd\nprint('to stderr', file=sys.stderr)\n"
+                                          "pd.DataFrame({'secret_code_name': [1]}).rename(columns=str.upper)"),
+                nbformat.v4.new_code_cell("%matplotlib inline\nfrom matplotlib.figure import Figure\n"
+                                          "from IPython.display import display\n"
+                                          "fig = Figure(); fig.subplots().plot([0, 1]); display(fig)"),
+                nbformat.v4.new_code_cell("import ipywidgets\nipywidgets.IntSlider()"),
+                nbformat.v4.new_markdown_cell("What it shows.")]
+    nb.cells[1].metadata["tags"] = ["parameters"]
+    nbformat.write(nb, src / "00_lesson.ipynb")
+    run_notebooks(out, directory=src, quick=True)
+    [page] = publish(out, docs)
+    text = page.read_text()
+    assert page.name == "00_lesson.md" and "# 00 · A lesson" in text and "What it shows." in text
+    assert "SECRET_CODE_NAME" in text and "<style" not in text  # the table, without pandas' CSS
+    assert "secret_code_name" not in text and "to stderr" not in text and "out_dir" not in text  # no code, no stderr
+    assert PANEL_NOTE in text and "IntSlider" not in text
+    [figure] = (docs / "00_lesson_files").glob("*.png")
+    assert f"00_lesson_files/{figure.name}" in text and figure.read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(FileNotFoundError, match="no executed notebooks"):
+        publish(tmp_path / "nothing", docs)
