@@ -28,10 +28,11 @@ Seeds = Annotated[list[NonNegativeInt], Field(min_length=1)]
 
 
 class Setting(TypedConfig):
-    """One setting of the comparison: what it is for, its overrides of the shared fields, and its seeds."""
+    """One setting of the comparison: what it is for, its overrides of the shared fields, its seeds and methods."""
     about: str = ""
     overrides: dict[str, Any] = Field(default_factory=dict)
     seeds: Seeds | None = None  # None: the comparison's seeds
+    methods: Annotated[list[str], Field(min_length=1)] | None = None  # None: every core and extra method
 
 
 class ComparisonConfig(TypedConfig):
@@ -53,7 +54,10 @@ class ComparisonConfig(TypedConfig):
         both = set(self.core) & set(self.extras)
         if both:
             _bad("extras", sorted(both), "methods that are not also in core")
-        for name in self.settings:
+        for name, setting in self.settings.items():
+            for m in setting.methods or []:
+                if m not in self.core + self.extras:
+                    _bad(f"settings.{name}.methods", m, f"a method of core or extras: {', '.join(self.core + self.extras)}")
             self.experiment(name, self.core[0], 0)  # every setting must make a valid experiment config
         return self
 
@@ -77,8 +81,11 @@ class ComparisonConfig(TypedConfig):
         self.runs(settings, methods, seeds)  # unknown names are an error
         core = [m for m in self.core if not methods or m in methods]
         extras = [m for m in self.extras if not methods or m in methods]
-        kept = {k: {**v.model_dump(), **({"seeds": None} if seeds else {})}
+        chosen = core + extras
+        kept = {k: {**v.model_dump(), **({"seeds": None} if seeds else {}),
+                    "methods": None if v.methods is None else [m for m in v.methods if m in chosen]}
                 for k, v in self.settings.items() if not settings or k in settings}
+        kept = {k: v for k, v in kept.items() if v["methods"] is None or v["methods"]}
         return ComparisonConfig(**{**self.model_dump(), "settings": kept, "core": core or extras,
                                    "extras": extras if core else [], "seeds": seeds or self.seeds,
                                    "extra_seeds": seeds or self.extra_seeds, "common": {**self.common, **common}})
@@ -110,7 +117,8 @@ class ComparisonConfig(TypedConfig):
             for x in chosen or []:
                 if x not in known:
                     _bad(field, x, f"one of {', '.join(known)}")
-        keys = [(seed, setting, method) for setting in self.settings for method in self.core + self.extras
+        keys = [(seed, setting, method) for setting, spec in self.settings.items()
+                for method in self.core + self.extras if spec.methods is None or method in spec.methods
                 for seed in self.seeds_of(setting, method)
                 if (not settings or setting in settings) and (not methods or method in methods)
                 and (seeds is None or seed in seeds)]

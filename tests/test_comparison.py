@@ -167,17 +167,30 @@ def test_bad_comparison_configs_are_named():
         _tiny_comparison(settings={"b": {"overrides": {"budgets": [1.0]}}})
     with pytest.raises(ConfigError, match=r"config field 'settings': 'z' is not allowed; one of a, b"):
         _tiny_comparison().runs(settings=["z"])
+    with pytest.raises(ConfigError, match=r"config field 'settings.b.methods': 'flexlora' is not allowed; a method of"):
+        _tiny_comparison(settings={"a": {}, "b": {"methods": ["flexlora"]}})
+
+
+def test_a_setting_may_run_some_of_the_methods():
+    ccfg = _tiny_comparison(settings={"a": {}, "b": {"methods": ["splitlora"]}})
+    assert {(r.setting, r.method) for r in ccfg.runs()} == {("a", m) for m in ccfg.core + ccfg.extras} | \
+        {("b", "splitlora")}
+    narrowed = ccfg.narrow(methods=["hsplitlora"])  # b keeps none of its methods: it has no runs, and is dropped
+    assert list(narrowed.settings) == ["a"]
 
 
 def test_the_shipped_comparison_and_its_binding_setting():
-    """configs/comparison.yaml: 65 runs, and setting (b) follows its stated rule on SmolLM2-135M."""
+    """configs/comparison.yaml: 59 runs, and setting (b) follows its stated rule on SmolLM2-135M."""
     from hsplit_nb.costs import uniform_budget, weight_bytes
     from hsplit_nb.models import model_config
     from hsplit_nb.planner import uniform_rank, weakest_split
     from hsplit_nb.costs import ClientSpec
 
     ccfg = ComparisonConfig.load(REPO / "configs" / "comparison.yaml")
-    assert len(ccfg.runs()) == 8 * 3 * 2 + 3 * 2 + 11
+    # core at 3 seeds in (a) and (b); the extras at 1; (c): the paper's homogeneous methods, 1 seed
+    assert len(ccfg.runs()) == 8 * 3 * 2 + 3 * 2 + 5
+    assert [r.method for r in ccfg.runs(settings=["c-homogeneous"])] == ["hsplitlora", "splitlora", "hetlora",
+                                                                         "cenlora", "ft"]
     b = ccfg.experiment("b-binding", "splitlora", 0)
     config = model_config(b.model)
     w = weight_bytes(config)
