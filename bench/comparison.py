@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -93,6 +94,9 @@ def run_shard(ccfg, out, args) -> None:
     """Run this process's share of the selected unfinished runs, one at a time, rewriting the report after each."""
     import torch
 
+    # a stopped worker (SIGTERM from the parent or the session's end) unwinds, so the run's elapsed.json keeps
+    # the seconds it spent before the stop
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.threads:
         torch.set_num_threads(args.threads)
     i, n = (int(x) for x in (args.shard or "0/1").split("/"))
