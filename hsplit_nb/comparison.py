@@ -192,13 +192,15 @@ def run_comparison(ccfg: ComparisonConfig, out, settings=None, methods=None, see
     todo = [s for s in specs if not finished(s, out)]
     for spec in tqdm(todo, desc="runs", disable=not progress):
         folder = spec.folder(out)
-        start = time.perf_counter()
-        try:
-            run_experiment(spec.cfg, out_dir=folder, progress=False, figures=False)
-        finally:
+        before, start = _elapsed(folder) or 0.0, time.perf_counter()
+
+        def record(*_):  # after every round too, so a killed run loses at most its last round's seconds
             if folder.is_dir():
-                before = _elapsed(folder) or 0.0
                 atomic_write_json(folder / ELAPSED, {"seconds": before + time.perf_counter() - start})
+        try:
+            run_experiment(spec.cfg, out_dir=folder, progress=False, figures=False, on_round=record)
+        finally:
+            record()
 
 
 def _read_run(spec: RunSpec, out) -> tuple[pd.DataFrame, dict] | None:

@@ -1,5 +1,6 @@
 """The comparison: targets and time to target in log-PPL, means and spreads over seeds, the claims' verdicts, seeds
 that repeat and differ, one resumable folder per (setting, method, seed), and the settings of configs/comparison.yaml."""
+import json
 import math
 
 import numpy as np
@@ -10,7 +11,7 @@ import yaml
 from conftest import REPO
 from hsplit_nb import experiment
 from hsplit_nb.__main__ import main
-from hsplit_nb.comparison import ComparisonConfig, collect, read_report, run_comparison
+from hsplit_nb.comparison import ComparisonConfig, collect, finished, read_report, run_comparison
 from hsplit_nb.config import ConfigError, PAPER_BUDGET_FRACTIONS
 from hsplit_nb.runfolder import RunFolderError
 from hsplit_nb.reporting import claims, compare, conclusions, summarize_runs, targets, time_to
@@ -120,6 +121,32 @@ def test_each_run_is_its_own_folder_resumes_and_merges_into_one_tidy_table(ran, 
     assert (runs["eval_mrs"] == 2).all() and (runs["wall_time_run_s"] > 0).all()
     assert set(curves["round"]) == {0, 1} and len(curves) == 8
     assert goal["setting"].tolist() == ["a"]
+
+
+def test_a_killed_run_keeps_the_seconds_of_its_finished_rounds(tmp_path):
+    """elapsed.json is written after every round, so a run killed before it ends (no finally block runs: the
+    session's end) still counts the time its rounds took; the resumed run adds to it."""
+    import subprocess
+    import sys
+
+    script = f"""
+import os, sys
+sys.path.insert(0, {str(REPO / "tests")!r})
+from test_comparison import _tiny_comparison
+from hsplit_nb import experiment
+from hsplit_nb.comparison import run_comparison
+experiment._Run.final_metrics = lambda self: os._exit(9)  # killed after the last round
+ccfg = _tiny_comparison(common={{**_tiny_comparison().common, "rounds": 2}})
+run_comparison(ccfg, {str(tmp_path)!r}, settings=["a"], methods=["splitlora"], seeds=[0], progress=False)
+"""
+    assert subprocess.run([sys.executable, "-c", script], cwd=REPO).returncode == 9
+    ccfg = _tiny_comparison(common={**_tiny_comparison().common, "rounds": 2})
+    spec = ccfg.runs(settings=["a"], methods=["splitlora"], seeds=[0])[0]
+    first = json.loads((spec.folder(tmp_path) / "elapsed.json").read_text())["seconds"]
+    assert first > 0 and not finished(spec, tmp_path)
+    run_comparison(ccfg, tmp_path, settings=["a"], methods=["splitlora"], seeds=[0], progress=False)
+    assert finished(spec, tmp_path)
+    assert json.loads((spec.folder(tmp_path) / "elapsed.json").read_text())["seconds"] > first
 
 
 def test_a_finished_run_of_another_protocol_is_refused_not_merged(ran):
