@@ -119,7 +119,8 @@ def run_quickstart(cfg, methods, out_dir) -> pd.DataFrame:
 
 def first_plan(df: pd.DataFrame, cfg) -> pd.DataFrame:
     """HSplitLoRA's configuration before its first round, one row per client: budget, split point, and the sum of
-    the ranks ARMSC planned for it over every matrix (results.csv's rank_c<k>). `attrs["n_blocks"]` is the model's depth, for the architecture diagram."""
+    the ranks ARMSC planned for it over every matrix (results.csv's rank_c<k>). `attrs["n_blocks"]` is the model's
+    depth, for the architecture diagram."""
     from .models import model_config
     from .split import num_blocks
 

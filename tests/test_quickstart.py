@@ -30,3 +30,36 @@ def test_bad_job_settings_are_clear():
         QuickstartConfig(model="tiny-llama", steps=0)
     with pytest.raises(ValueError, match=r"split_point must be an integer in \[1, 3\]"):
         run_split_lora(QuickstartConfig(model="tiny-gpt2", split_point=9, seq_len=256, steps=1), progress=False)
+
+
+def test_notebook_00s_federation_is_a_setting_of_the_comparison_shortened():
+    from hsplit_nb.comparison import ComparisonConfig
+    from hsplit_nb.config import ConfigError
+    from hsplit_nb.quickstart import quickstart_config
+
+    cfg = quickstart_config(True, "b-binding", seed=1, local_steps=None)
+    whole = ComparisonConfig.preset("comparison_quick").experiment("b-binding", "hsplitlora", 1)
+    assert cfg.budgets == whole.budgets and cfg.seed == 1 and cfg.local_steps == whole.local_steps
+    assert (cfg.rounds, cfg.val_examples, cfg.final_metrics) == (1, 8, False)
+    full = quickstart_config(False, "a-paper", rounds=3)
+    assert full.model == "smollm2-135m" and (full.rounds, full.val_examples) == (3, 32)
+    with pytest.raises(ConfigError, match=r"config field 'setting': 'b' is not allowed; one of a-paper, b-binding"):
+        quickstart_config(True, "b")
+
+
+def test_first_plan_reads_each_clients_configuration_before_round_one(tmp_path):
+    from hsplit_nb.models import model_config
+    from hsplit_nb.quickstart import first_plan, quickstart_config, run_quickstart
+
+    cfg = quickstart_config(True, "b-binding", local_steps=1, val_examples=4)
+    df = run_quickstart(cfg, ["hsplitlora"], tmp_path)
+    plan = first_plan(df, cfg)
+    r0 = df[(df["method"] == "hsplitlora") & (df["round"] == 0)].iloc[0]
+    assert plan["client"].tolist() == cfg.client_names()
+    assert plan["budget_bytes"].tolist() == cfg.budget_bytes(model_config(cfg.model))
+    assert plan["split_point"].tolist() == [r0[f"split_c{k}"] for k in range(cfg.num_clients)]
+    assert plan["planned_rank_sum"].tolist() == [r0[f"rank_c{k}"] for k in range(cfg.num_clients)]
+    assert plan.attrs["n_blocks"] == model_config(cfg.model).num_hidden_layers
+    assert list(tmp_path.glob("run-*/results.csv"))  # one resumable folder per setting
+    with pytest.raises(ValueError, match="no round 0 of hsplitlora"):
+        first_plan(df[df["method"] != "hsplitlora"], cfg)
