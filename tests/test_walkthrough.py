@@ -1,9 +1,7 @@
 """The computations behind notebooks 02-04 (hsplit_nb.walkthrough): what each returns, checked by hand."""
 import math
 
-import pandas as pd
 import pytest
-import torch
 
 from hsplit_nb.adapters import add_adapters, adapter_names, read_adapter
 from hsplit_nb.costs import client_memory, measure_client_memory
