@@ -244,7 +244,8 @@ def collect(ccfg: ComparisonConfig, out) -> tuple[pd.DataFrame, pd.DataFrame, pd
         if got is None:
             continue
         curve, info = got
-        curves.append(curve)
+        if len(curve):  # a run no client could train has no curve
+            curves.append(curve)
         rows.append(_run_row(spec, curve, info))
     curves = pd.concat(curves, ignore_index=True) if curves else pd.DataFrame(columns=["setting", "method", "seed"])
     runs = pd.DataFrame(rows)
@@ -276,7 +277,7 @@ def write_report(ccfg: ComparisonConfig, out, dest) -> dict[str, pd.DataFrame]:
               "comparison_targets": goal, "comparison_curves": curves}
     for name, df in tables.items():
         atomic_write_text(dest / f"{name}.csv", df.to_csv(index=False))
-    for setting in runs["setting"].unique():
+    for setting in curves["setting"].unique():  # a setting where nothing trained has no curves to draw
         for x, tag in (("round", "rounds"), ("sim_time_s", "time")):
             fig = plot_curves_with_spread(curves, setting, x)
             save_figure(fig, dest, f"comparison_{setting}_{tag}")

@@ -190,19 +190,23 @@ def plot_curves_with_spread(curves: pd.DataFrame, setting: str, x: str = "round"
 
 def plot_summary_bars(summary: pd.DataFrame, column: str, ylabel: str, ax=None, log: bool = False):
     """One bar per method and setting: the mean over seeds, error bars one standard deviation. A time to target
-    that no seed reached is drawn as no bar, with 'not reached' written in its place."""
+    that no seed reached is drawn as no bar, with 'not reached' written in its place ('did not train' where the
+    run's note says no client could train the method)."""
     ax = ax or plt.subplots(figsize=(10, 4.5))[1]
     mean = summary.pivot(index="method", columns="setting", values=f"{column}_mean")
     std = summary.pivot(index="method", columns="setting", values=f"{column}_std")
     order = list(dict.fromkeys(summary["method"]))
     ran = summary.pivot(index="method", columns="setting", values="seeds").reindex(order)
+    notes = summary.pivot(index="method", columns="setting", values="note").reindex(order) \
+        if "note" in summary else ran.isna()
     mean, std = mean.reindex(order), std.reindex(order).fillna(0)
     mean.plot.bar(ax=ax, yerr=std, rot=30, capsize=2, logy=log)
     width = 0.8 / max(1, mean.shape[1])
     for j, setting in enumerate(mean.columns):
-        for i, (v, n) in enumerate(zip(mean[setting], ran[setting])):
+        for i, (v, n, note) in enumerate(zip(mean[setting], ran[setting], notes[setting])):
             if pd.isna(v) and not pd.isna(n):
-                ax.text(i - 0.4 + width * (j + 0.5), ax.get_ylim()[0], "not reached", rotation=90, fontsize=6,
+                said = "did not train" if isinstance(note, str) else "not reached"
+                ax.text(i - 0.4 + width * (j + 0.5), ax.get_ylim()[0], said, rotation=90, fontsize=6,
                         ha="center", va="bottom")
     for label in ax.get_xticklabels():
         label.set_ha("right")

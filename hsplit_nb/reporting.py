@@ -72,6 +72,9 @@ def summarize_runs(runs: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for (setting, method), part in runs.groupby(["setting", "method"], sort=False):
         row = {"setting": setting, "method": method, "seeds": len(part)}
+        notes = part["note"].dropna().astype(str).tolist() if "note" in part else []
+        if notes:  # e.g. no client fits: the method did not train in this setting
+            row["note"] = notes[0]
         for c in numeric:
             vals = part[c].dropna()
             row[f"{c}_mean"] = float(vals.mean()) if len(vals) else float("nan")

@@ -11,7 +11,7 @@ import yaml
 from conftest import REPO
 from hsplit_nb import experiment
 from hsplit_nb.__main__ import main
-from hsplit_nb.comparison import ComparisonConfig, collect, finished, read_report, run_comparison
+from hsplit_nb.comparison import ComparisonConfig, collect, finished, read_report, run_comparison, write_report
 from hsplit_nb.config import ConfigError, PAPER_BUDGET_FRACTIONS
 from hsplit_nb.runfolder import RunFolderError
 from hsplit_nb.reporting import claims, compare, conclusions, summarize_runs, targets, time_to
@@ -187,6 +187,26 @@ def test_the_report_writes_tables_and_figures_with_spreads(ran, tmp_path, capsys
     assert "4 runs" in capsys.readouterr().out
 
 
+def test_a_method_no_client_can_train_is_a_result_in_the_report(tmp_path):
+    """HetLoRA with strict memory where no budget holds the whole model: the run finishes as a note, counts as
+    done (a resumed comparison does not retry it), and the report keeps it as a row with no PPL, drawn as
+    'did not train' (not as 'not reached') beside a method that trained."""
+    from hsplit_nb.plots import plot_summary_bars
+
+    ccfg = _tiny_comparison(extras=["hetlora-strict"], settings={"a": {}}, seeds=[0], core=["splitlora"])
+    run_comparison(ccfg, tmp_path, progress=False)
+    assert all(finished(spec, tmp_path) for spec in ccfg.runs())
+    runs = collect(ccfg, tmp_path)[1].set_index("method")
+    assert runs.loc["hetlora-strict", "eval_mrs"] == 0 and np.isnan(runs.loc["hetlora-strict", "final_ppl"])
+    assert "no client can hold the whole model (largest budget" in runs.loc["hetlora-strict", "note"]
+    assert runs.loc["splitlora", "eval_mrs"] == 2 and runs.loc["splitlora", "final_ppl"] > 1
+    summary = write_report(ccfg, tmp_path, tmp_path / "rep")["comparison_summary"].set_index("method")
+    assert summary.loc["hetlora-strict", "note"].startswith("strict memory") and pd.isna(summary.loc["splitlora", "note"])
+    fig = plot_summary_bars(summary.reset_index(), "final_ppl", "PPL")
+    assert [t.get_text() for t in fig.axes[0].texts] == ["did not train"]
+    assert (tmp_path / "rep" / "comparison_a_rounds.png").is_file()
+
+
 def test_bad_comparison_configs_are_named():
     with pytest.raises(ConfigError, match=r"config field 'core': 'splitlor' is not allowed; a method, one of"):
         _tiny_comparison(core=["splitlor"])
@@ -207,7 +227,7 @@ def test_a_setting_may_run_some_of_the_methods():
 
 
 def test_the_shipped_comparison_and_its_binding_setting():
-    """configs/comparison.yaml: 59 runs, and setting (b) follows its stated rule on SmolLM2-135M."""
+    """configs/comparison.yaml: 61 runs, and setting (b) follows its stated rule on SmolLM2-135M."""
     from hsplit_nb.costs import uniform_budget, weight_bytes
     from hsplit_nb.models import model_config
     from hsplit_nb.planner import uniform_rank, weakest_split
@@ -215,7 +235,7 @@ def test_the_shipped_comparison_and_its_binding_setting():
 
     ccfg = ComparisonConfig.load(REPO / "configs" / "comparison.yaml")
     # core at 3 seeds in (a) and (b); the extras at 1; (c): the paper's homogeneous methods, 1 seed
-    assert len(ccfg.runs()) == 8 * 3 * 2 + 3 * 2 + 5
+    assert len(ccfg.runs()) == 8 * 3 * 2 + 4 * 2 + 5
     assert [r.method for r in ccfg.runs(settings=["c-homogeneous"])] == ["hsplitlora", "splitlora", "hetlora",
                                                                          "cenlora", "ft"]
     b = ccfg.experiment("b-binding", "splitlora", 0)
