@@ -103,6 +103,11 @@ class ComparisonConfig(TypedConfig):
         except ValueError as exc:
             raise type(exc)(f"comparison setting {setting!r}: {exc}") from None
 
+    def homogeneous(self, setting: str) -> bool:
+        """Every client of the setting at one budget (judged on its first core method's config)."""
+        budgets = self.experiment(setting, (self.settings[setting].methods or self.core)[0], 0).budgets
+        return len(set(budgets)) == 1
+
     def seeds_of(self, setting: str, method: str) -> list[int]:
         own = self.settings[setting].seeds
         if method in self.extras:
@@ -266,7 +271,7 @@ def write_report(ccfg: ComparisonConfig, out, dest) -> dict[str, pd.DataFrame]:
 
     from .io import atomic_write_text
     from .plots import plot_curves_with_spread, plot_summary_bars, save_figure
-    from .reporting import claims, summarize_runs
+    from .reporting import claims, heterogeneity_cost, summarize_runs
 
     dest = Path(dest)
     curves, runs, goal = collect(ccfg, out)
@@ -275,6 +280,9 @@ def write_report(ccfg: ComparisonConfig, out, dest) -> dict[str, pd.DataFrame]:
     summary = summarize_runs(runs)
     tables = {"comparison": runs, "comparison_summary": summary, "comparison_claims": claims(summary),
               "comparison_targets": goal, "comparison_curves": curves}
+    homogeneous = [name for name in ccfg.settings if ccfg.homogeneous(name) and name in set(runs["setting"])]
+    if homogeneous:
+        tables["comparison_heterogeneity"] = heterogeneity_cost(summary, homogeneous[0])
     for name, df in tables.items():
         atomic_write_text(dest / f"{name}.csv", df.to_csv(index=False))
     for setting in curves["setting"].unique():  # a setting where nothing trained has no curves to draw
@@ -291,7 +299,8 @@ def write_report(ccfg: ComparisonConfig, out, dest) -> dict[str, pd.DataFrame]:
     return tables
 
 
-REPORT_TABLES = ("comparison", "comparison_summary", "comparison_claims", "comparison_targets", "comparison_curves")
+REPORT_TABLES = ("comparison", "comparison_summary", "comparison_claims", "comparison_targets", "comparison_curves",
+                 "comparison_heterogeneity")
 
 
 def read_report(dest) -> dict[str, pd.DataFrame]:

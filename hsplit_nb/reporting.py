@@ -108,7 +108,23 @@ def compare(summary: pd.DataFrame, setting: str, a: str, b: str, column: str, lo
     else:
         verdict = "within the spread"
     return {"setting": setting, "a": a, "b": b, "column": column, "mean_a": ma, "mean_b": mb, "gain": gain,
-            "spread": spread, "verdict": verdict}
+            "ratio_b_to_a": mb / ma if ma else float("nan"), "spread": spread, "verdict": verdict}
+
+
+def heterogeneity_cost(summary: pd.DataFrame, homogeneous: str, column: str = "final_ppl") -> pd.DataFrame:
+    """What heterogeneity costs each method (the paper: about 0.38 PPL for HetLoRA, 0.1 for SplitLoRA): per
+    method run in the `homogeneous` setting and in another, the mean of `column` in each and the difference
+    (other minus homogeneous), with the spread of the other setting's seeds."""
+    s = summary.set_index(["setting", "method"])
+    rows = []
+    for (setting, method), row in s.iterrows():
+        if setting == homogeneous or (homogeneous, method) not in s.index or f"{column}_mean" not in s:
+            continue
+        base = s.loc[(homogeneous, method), f"{column}_mean"]
+        rows.append({"setting": setting, "method": method, f"{column}_homogeneous": base,
+                     column: row[f"{column}_mean"], "cost": row[f"{column}_mean"] - base,
+                     "spread": row[f"{column}_std"], "seeds": row["seeds"]})
+    return pd.DataFrame(rows)
 
 
 # (claim, a, b, column, lower is better): the paper's claims, each as comparisons of two methods

@@ -14,7 +14,7 @@ from hsplit_nb.__main__ import main
 from hsplit_nb.comparison import ComparisonConfig, collect, finished, read_report, run_comparison, write_report
 from hsplit_nb.config import ConfigError, PAPER_BUDGET_FRACTIONS
 from hsplit_nb.runfolder import RunFolderError
-from hsplit_nb.reporting import claims, compare, conclusions, summarize_runs, targets, time_to
+from hsplit_nb.reporting import claims, compare, conclusions, heterogeneity_cost, summarize_runs, targets, time_to
 
 
 def _curve(ppls, times=None):
@@ -85,6 +85,19 @@ def test_a_claim_holds_only_beyond_the_spread(a, sa, b, sb, verdict):
                        + ("" if math.isnan(sa) else f" ± {sa:.3f}") + f" (3 seeds) against splitlora {b:.3f} ± {sb:.3f}"
                        " (3 seeds)).")
     assert said[1] == "s: lower PPL than HetLoRA: not run."
+
+
+def test_heterogeneity_cost_and_speed_up_ratio_by_hand():
+    summary = pd.DataFrame({"setting": ["hom", "hom", "het", "het", "het"],
+                            "method": ["hetlora", "splitlora", "hetlora", "splitlora", "ft"], "seeds": [1, 1, 3, 3, 1],
+                            "final_ppl_mean": [5.0, 4.4, 5.38, 4.5, 4.0], "final_ppl_std": [np.nan, np.nan, 0.1, 0.02, np.nan]})
+    cost = heterogeneity_cost(summary, "hom").set_index("method")
+    assert list(cost.index) == ["hetlora", "splitlora"]  # FT was not run in the homogeneous setting
+    assert cost.loc["hetlora", "cost"] == pytest.approx(0.38) and cost.loc["splitlora", "cost"] == pytest.approx(0.1)
+    assert cost.loc["hetlora", "spread"] == 0.1 and cost.loc["hetlora", "final_ppl_homogeneous"] == 5.0
+    times = pd.DataFrame({"setting": ["s", "s"], "method": ["hsplitlora", "ft"], "seeds": [1, 1],
+                          "time_to_t50_s_mean": [2.0, 2.8], "time_to_t50_s_std": [np.nan, np.nan]})
+    assert compare(times, "s", "hsplitlora", "ft", "time_to_t50_s")["ratio_b_to_a"] == pytest.approx(1.4)
 
 
 def _tiny_comparison(**over):
@@ -234,6 +247,7 @@ def test_the_shipped_comparison_and_its_binding_setting():
     from hsplit_nb.costs import ClientSpec
 
     ccfg = ComparisonConfig.load(REPO / "configs" / "comparison.yaml")
+    assert [ccfg.homogeneous(name) for name in ccfg.settings] == [False, False, True]
     # core at 3 seeds in (a) and (b); the extras at 1; (c): the paper's homogeneous methods, 1 seed
     assert len(ccfg.runs()) == 8 * 3 * 2 + 4 * 2 + 5
     assert [r.method for r in ccfg.runs(settings=["c-homogeneous"])] == ["hsplitlora", "splitlora", "hetlora",
