@@ -360,11 +360,13 @@ def uniform_rank(config, memory: float, split_point: int, batch_size: int = 8, s
 
 def budget_order_ranks(clients: list[ClientSpec], rank_levels=DEFAULT_RANK_LEVELS) -> dict[str, int]:
     """HetLoRA-style ranks: the positive rank levels spread over the clients in budget order (all clients,
-    present or not, so a client keeps its rank when others leave)."""
+    present or not, so a client keeps its rank when others leave). Clients with equal budgets share the rank of
+    the highest place among them: in a homogeneous federation every client gets the top rank."""
     positive = [lv for lv in sorted(set(rank_levels)) if lv > 0]
-    order = sorted(clients, key=lambda c: c.memory)
-    k = len(order)
-    return {c.name: positive[round(i * (len(positive) - 1) / max(k - 1, 1))] for i, c in enumerate(order)}
+    memories = sorted(c.memory for c in clients)
+    k = len(memories)
+    place = {m: i for i, m in enumerate(memories)}  # the last (highest) place of each budget
+    return {c.name: positive[round(place[c.memory] * (len(positive) - 1) / max(k - 1, 1))] for c in clients}
 
 
 def whole_model_bytes(config, ranks: dict[str, int], batch_size: int, seq_len: int, dtype=torch.float32) -> int:

@@ -176,3 +176,25 @@ def conclusions(claims_table: pd.DataFrame, summary: pd.DataFrame) -> list[str]:
         out.append(f"{c['setting']}: {c['claim']}: {c['verdict']} ({c['column']}: {side(c['a'])} against "
                    f"{side(c['b'])}).")
     return out
+
+
+SUMMARY_COLUMNS = [("final_ppl", "final PPL", 3), ("time_to_t50_s", "sim s to t50", 2), ("BLEU", "BLEU", 3),
+                   ("NIST", "NIST", 2), ("METEOR", "METEOR", 3), ("ROUGE_L", "ROUGE-L", 3), ("CIDEr", "CIDEr", 2)]
+
+
+def summary_markdown(summary: pd.DataFrame, setting: str) -> str:
+    """One setting of the summary as a Markdown table (mean ± std over seeds; one seed: the mean alone; a time
+    to target reached by no seed: 'not reached'; a method no client could train: 'did not train'), for docs/results.md and the notebooks."""
+    head = ["method", "seeds"] + [label for _, label, _ in SUMMARY_COLUMNS]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for _, row in summary[summary["setting"] == setting].iterrows():
+        cells = [row["method"], str(int(row["seeds"]))]
+        for column, _, digits in SUMMARY_COLUMNS:
+            mean, std = row.get(f"{column}_mean", np.nan), row.get(f"{column}_std", np.nan)
+            if pd.isna(mean):
+                cells.append("did not train" if isinstance(row.get("note"), str)
+                             else "not reached" if column.startswith("time_to") else "")
+                continue
+            cells.append(f"{mean:.{digits}f}" + ("" if pd.isna(std) else f" ± {std:.{digits}f}"))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)

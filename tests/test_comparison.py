@@ -14,7 +14,8 @@ from hsplit_nb.__main__ import main
 from hsplit_nb.comparison import ComparisonConfig, collect, finished, read_report, run_comparison, write_report
 from hsplit_nb.config import ConfigError, PAPER_BUDGET_FRACTIONS
 from hsplit_nb.runfolder import RunFolderError
-from hsplit_nb.reporting import claims, compare, conclusions, heterogeneity_cost, summarize_runs, targets, time_to
+from hsplit_nb.reporting import (claims, compare, conclusions, heterogeneity_cost, summarize_runs, summary_markdown,
+                                 targets, time_to)
 
 
 def _curve(ppls, times=None):
@@ -98,6 +99,18 @@ def test_heterogeneity_cost_and_speed_up_ratio_by_hand():
     times = pd.DataFrame({"setting": ["s", "s"], "method": ["hsplitlora", "ft"], "seeds": [1, 1],
                           "time_to_t50_s_mean": [2.0, 2.8], "time_to_t50_s_std": [np.nan, np.nan]})
     assert compare(times, "s", "hsplitlora", "ft", "time_to_t50_s")["ratio_b_to_a"] == pytest.approx(1.4)
+
+
+def test_the_summary_as_markdown_by_hand():
+    summary = pd.DataFrame({"setting": ["s", "s", "s"], "method": ["a", "b", "hetlora-strict"], "seeds": [3, 1, 1],
+                            "final_ppl_mean": [4.5, 4.25, np.nan], "final_ppl_std": [0.0123, np.nan, np.nan],
+                            "time_to_t50_s_mean": [1.5, np.nan, np.nan], "time_to_t50_s_std": [0.25, np.nan, np.nan],
+                            "note": [np.nan, np.nan, "strict memory: no client can hold the whole model"]})
+    lines = summary_markdown(summary, "s").splitlines()
+    assert lines[0] == "| method | seeds | final PPL | sim s to t50 | BLEU | NIST | METEOR | ROUGE-L | CIDEr |"
+    assert lines[2] == "| a | 3 | 4.500 ± 0.012 | 1.50 ± 0.25 |  |  |  |  |  |"
+    assert lines[3] == "| b | 1 | 4.250 | not reached |  |  |  |  |  |"
+    assert lines[4] == "| hetlora-strict | 1 |" + " did not train |" * 7
 
 
 def _tiny_comparison(**over):
@@ -193,6 +206,7 @@ def test_the_report_writes_tables_and_figures_with_spreads(ran, tmp_path, capsys
     summary = pd.read_csv(rep / "comparison_summary.csv")
     assert summary["seeds"].tolist() == [2, 2] and summary["final_ppl_std"].notna().all()
     assert len(pd.read_csv(rep / "comparison.csv")) == 4
+    assert (rep / "comparison_summary.md").read_text().startswith("### a\n\n| method | seeds | final PPL |")
     assert set(read_report(rep)) == {"comparison", "comparison_summary", "comparison_claims", "comparison_targets",
                                      "comparison_curves"}
     for f in ("comparison_a_rounds.png", "comparison_a_time.png", "comparison_final_ppl.png"):

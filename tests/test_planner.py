@@ -184,3 +184,16 @@ def test_on_the_cpu_scale_preset_armsc_rounds_are_no_slower_than_everyone_at_the
     assert seconds(chosen) <= seconds(weakest) * (1 + 1e-12)
     # here the deeper splits that save step time cost more in traffic than they save (1.33 s against 1.43 s)
     assert chosen != step_optimal and seconds(chosen) < seconds(step_optimal)
+
+
+def test_budget_order_ranks_spread_the_levels_and_ties_share_the_highest_place():
+    """HetLoRA's ranks: 5 clients over levels 2-16 in budget order (2, 4, 8, 8, 16, whatever the clients'
+    order); equal budgets share one rank, so a homogeneous federation is plain rank-16 LoRA."""
+    from hsplit_nb.planner import budget_order_ranks
+
+    specs = [ClientSpec(f"c{k}", m) for k, m in enumerate([5.0, 1.0, 4.0, 2.0, 3.0])]
+    assert budget_order_ranks(specs, [0, 2, 4, 8, 16]) == {"c1": 2, "c3": 4, "c4": 8, "c2": 8, "c0": 16}
+    assert set(budget_order_ranks([ClientSpec(f"c{k}", 7.0) for k in range(5)], [0, 2, 4, 8, 16]).values()) == {16}
+    tied = budget_order_ranks([ClientSpec(f"c{k}", m) for k, m in enumerate([1.0, 1.0, 2.0, 2.0, 3.0])],
+                              [0, 2, 4, 8, 16])
+    assert tied == {"c0": 4, "c1": 4, "c2": 8, "c3": 8, "c4": 16}  # places 1, 3, 4 of 0-4
