@@ -9,7 +9,8 @@ comparison_claims.csv, comparison_targets.csv, comparison_*.png, and comparison.
 wall time of all finished runs added up, and every invocation's clock time).
 
 `--workers N` runs N runs at a time, each in its own process with cores/N torch threads (the runs are
-independent folders): on 2 cores, two single-threaded runs do about 1.3 times the work per minute of one run
+independent folders; a worker that finishes takes the next unclaimed run, in the comparison's seed-by-seed
+order): on 2 cores, two single-threaded runs do about 1.3 times the work per minute of one run
 on two threads (a training round: about 33 s on one thread beside another run, 21 s on two threads in a run of
 its own).
 """
@@ -69,13 +70,38 @@ def _clock(started: str, seconds: float, workers: int, runs: int) -> None:
     atomic_write_json(INVOCATIONS, {"invocations": sorted(calls, key=lambda c: c["started"])})
 
 
+CLAIMS = ".claims"  # under --out: one empty file per run a worker of this invocation has taken
+
+
+def claim(spec, out: Path) -> bool:
+    """Take a run for this worker: True for exactly one of the workers that ask (the file is created
+    exclusively). The parent clears old claims when it starts, so a killed invocation's claims do not hold."""
+    path = out / CLAIMS / f"{spec.setting}+{spec.method}+seed{spec.seed}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    return True
+
+
+def clear_claims(out: Path) -> None:
+    folder = out / CLAIMS
+    if folder.is_dir():
+        for f in folder.iterdir():
+            f.unlink()
+        folder.rmdir()
+
+
 def run_workers(args, argv: list[str], todo: int) -> None:
-    """Start `args.workers` copies of this script, each on every N-th selected run, and wait for them."""
+    """Start `args.workers` copies of this script, each taking the next unclaimed run until none is left, and wait
+    for them."""
     n = args.workers
     threads = max(1, (os.cpu_count() or 1) // n)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    procs = [subprocess.Popen([sys.executable, __file__, *argv, "--shard", f"{i}/{n}", "--threads", str(threads)],
-                              env=env) for i in range(n)]
+    clear_claims(Path(args.out))
+    procs = [subprocess.Popen([sys.executable, __file__, *argv, "--worker", "--threads", str(threads)], env=env)
+             for _ in range(n)]
     started, t0 = datetime.datetime.now().isoformat(timespec="seconds"), time.perf_counter()
     try:
         while any(p.poll() is None for p in procs):
@@ -85,14 +111,18 @@ def run_workers(args, argv: list[str], todo: int) -> None:
         for p in procs:
             if p.poll() is None:
                 p.terminate()
+        for p in procs:
+            p.wait()
         _clock(started, time.perf_counter() - t0, n, todo)
+        clear_claims(Path(args.out))
     bad = [p.returncode for p in procs if p.returncode]
     if bad:
         raise SystemExit(f"a worker failed (exit status {bad[0]}); its run resumes when started again")
 
 
-def run_shard(ccfg, out, args) -> None:
-    """Run this process's share of the selected unfinished runs, one at a time, rewriting the report after each."""
+def run_worker(ccfg, out, args) -> None:
+    """Run the selected unfinished runs one at a time (with `--worker`, only those no other worker has claimed),
+    rewriting the report after each."""
     import torch
 
     # a stopped worker (SIGTERM from the parent or the session's end) unwinds, so the run's elapsed.json keeps
@@ -100,9 +130,9 @@ def run_shard(ccfg, out, args) -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.threads:
         torch.set_num_threads(args.threads)
-    i, n = (int(x) for x in (args.shard or "0/1").split("/"))
-    todo = [s for s in ccfg.runs(args.settings, args.methods, args.seeds) if not finished(s, out)]
-    for spec in todo[i::n]:
+    for spec in ccfg.runs(args.settings, args.methods, args.seeds):
+        if finished(spec, out) or (args.worker and not claim(spec, out)):
+            continue
         run_comparison(ccfg, out, [spec.setting], [spec.method], [spec.seed], data=args.data, progress=False)
         report(ccfg, out, args.config)
         print(f"finished {spec.setting} / {spec.method} / seed {spec.seed}", flush=True)
@@ -118,7 +148,7 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default=str(RESULTS / "comparison"))
     ap.add_argument("--report-only", action="store_true", help="train nothing: merge the finished runs")
     ap.add_argument("--workers", type=int, default=1, help="runs at a time, each in its own process (default 1)")
-    ap.add_argument("--shard", help=argparse.SUPPRESS)  # i/N: a worker's share (every N-th unfinished run)
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # one of --workers: claims its runs
     ap.add_argument("--threads", type=int, help=argparse.SUPPRESS)
     argv = sys.argv[1:] if argv is None else list(argv)
     args = ap.parse_args(argv)
@@ -126,8 +156,8 @@ def main(argv=None) -> None:
         ap.error(f"--workers must be at least 1, got {args.workers}")
     ccfg = ComparisonConfig.load(args.config)
     out = Path(args.out)
-    if args.shard:  # a worker: its share, then back to the parent, which writes the last report
-        run_shard(ccfg, out, args)
+    if args.worker:  # one of the parent's workers: runs until none is left unclaimed; the parent writes the last report
+        run_worker(ccfg, out, args)
         return
     if not args.report_only:
         todo = sum(not finished(s, out) for s in ccfg.runs(args.settings, args.methods, args.seeds))
@@ -136,7 +166,7 @@ def main(argv=None) -> None:
         else:
             started, t0 = datetime.datetime.now().isoformat(timespec="seconds"), time.perf_counter()
             try:
-                run_shard(ccfg, out, args)
+                run_worker(ccfg, out, args)
             finally:
                 _clock(started, time.perf_counter() - t0, 1, todo)
     report(ccfg, out, args.config)

@@ -184,7 +184,8 @@ SUMMARY_COLUMNS = [("final_ppl", "final PPL", 3), ("time_to_t50_s", "sim s to t5
 
 def summary_markdown(summary: pd.DataFrame, setting: str) -> str:
     """One setting of the summary as a Markdown table (mean ± std over seeds; one seed: the mean alone; a time
-    to target reached by no seed: 'not reached'; a method no client could train: 'did not train'), for docs/results.md and the notebooks."""
+    to target reached by no seed: 'not reached'; a method no client could train: 'did not train'), for
+    docs/results.md and the notebooks."""
     head = ["method", "seeds"] + [label for _, label, _ in SUMMARY_COLUMNS]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for _, row in summary[summary["setting"] == setting].iterrows():

@@ -91,7 +91,8 @@ def test_a_claim_holds_only_beyond_the_spread(a, sa, b, sb, verdict):
 def test_heterogeneity_cost_and_speed_up_ratio_by_hand():
     summary = pd.DataFrame({"setting": ["hom", "hom", "het", "het", "het"],
                             "method": ["hetlora", "splitlora", "hetlora", "splitlora", "ft"], "seeds": [1, 1, 3, 3, 1],
-                            "final_ppl_mean": [5.0, 4.4, 5.38, 4.5, 4.0], "final_ppl_std": [np.nan, np.nan, 0.1, 0.02, np.nan]})
+                            "final_ppl_mean": [5.0, 4.4, 5.38, 4.5, 4.0],
+                            "final_ppl_std": [np.nan, np.nan, 0.1, 0.02, np.nan]})
     cost = heterogeneity_cost(summary, "hom").set_index("method")
     assert list(cost.index) == ["hetlora", "splitlora"]  # FT was not run in the homogeneous setting
     assert cost.loc["hetlora", "cost"] == pytest.approx(0.38) and cost.loc["splitlora", "cost"] == pytest.approx(0.1)
@@ -228,7 +229,8 @@ def test_a_method_no_client_can_train_is_a_result_in_the_report(tmp_path):
     assert "no client can hold the whole model (largest budget" in runs.loc["hetlora-strict", "note"]
     assert runs.loc["splitlora", "eval_mrs"] == 2 and runs.loc["splitlora", "final_ppl"] > 1
     summary = write_report(ccfg, tmp_path, tmp_path / "rep")["comparison_summary"].set_index("method")
-    assert summary.loc["hetlora-strict", "note"].startswith("strict memory") and pd.isna(summary.loc["splitlora", "note"])
+    assert summary.loc["hetlora-strict", "note"].startswith("strict memory")
+    assert pd.isna(summary.loc["splitlora", "note"])
     fig = plot_summary_bars(summary.reset_index(), "final_ppl", "PPL")
     assert [t.get_text() for t in fig.axes[0].texts] == ["did not train"]
     assert (tmp_path / "rep" / "comparison_a_rounds.png").is_file()
@@ -295,3 +297,32 @@ def test_presets_and_a_narrowed_comparison_keep_the_protocol():
     assert part.fingerprint() == full.narrow(["b-binding"], ["hsplitlora", "ft"], [0, 1], rounds=2).fingerprint()
     with pytest.raises(ConfigError, match=r"config field 'comparison': 'nope' is not allowed"):
         ComparisonConfig.preset("nope")
+
+
+def _bench():
+    """bench/comparison.py as a module."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_comparison", REPO / "bench" / "comparison.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+def _claim_all(out):
+    bench = _bench()
+    return [f"{r.setting}/{r.method}/{r.seed}" for r in _tiny_comparison().runs() if bench.claim(r, out)]
+
+
+def test_workers_claim_each_run_exactly_once(tmp_path):
+    """bench/comparison.py --workers: workers racing for the same runs take each one once; a new invocation
+    clears the old claims (a killed invocation's claims must not block its runs)."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    bench, runs = _bench(), _tiny_comparison().runs()
+    with ProcessPoolExecutor(4) as pool:
+        taken = list(pool.map(_claim_all, [tmp_path] * 4))
+    assert sorted(sum(taken, [])) == sorted(f"{r.setting}/{r.method}/{r.seed}" for r in runs)
+    assert not bench.claim(runs[0], tmp_path)
+    bench.clear_claims(tmp_path)
+    assert bench.claim(runs[0], tmp_path)
