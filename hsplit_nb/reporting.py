@@ -85,6 +85,24 @@ def summarize_runs(runs: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _reached(s: pd.DataFrame, a: str, b: str, column: str) -> str | None:
+    """The verdict on a time to target when a side did not reach it in every seed (None: both always did).
+    Reaching a target against never reaching it decides; a target reached in some seeds only does not."""
+    key = f"reached_{column.removeprefix('time_to_').removesuffix('_s')}"
+    if not column.startswith("time_to_") or key not in s:
+        return None
+    (ka, na), (kb, nb) = (map(int, str(s.loc[m, key]).split("/")) for m in (a, b))
+    if ka == na and kb == nb:
+        return None
+    if ka == na and kb == 0:
+        return f"holds ({b} never reached the target)"
+    if ka == 0 and kb == nb:
+        return f"reversed ({a} never reached the target)"
+    if ka == 0 and kb == 0:
+        return "neither reached the target"
+    return f"undecided (target reached in {ka}/{na} against {kb}/{nb} seeds)"
+
+
 def compare(summary: pd.DataFrame, setting: str, a: str, b: str, column: str, lower_is_better: bool = True) -> dict:
     """Does method `a` beat method `b` on `column` in `setting`? The verdict needs the difference of the means
     to exceed the spread, sqrt(std_a^2 + std_b^2) (with one seed on either side no spread is known)."""
@@ -97,7 +115,10 @@ def compare(summary: pd.DataFrame, setting: str, a: str, b: str, column: str, lo
     sa, sb = s.loc[a, f"{column}_std"], s.loc[b, f"{column}_std"]
     gain = (mb - ma) if lower_is_better else (ma - mb)
     spread = math.sqrt(sa ** 2 + sb ** 2) if not (np.isnan(sa) or np.isnan(sb)) else float("nan")
-    if np.isnan(ma) or np.isnan(mb):
+    reached = _reached(s, a, b, column)
+    if reached is not None:
+        verdict = reached
+    elif np.isnan(ma) or np.isnan(mb):
         verdict = "not measured"
     elif np.isnan(spread):
         verdict = "better (one seed, no spread)" if gain > 0 else "not better (one seed, no spread)"
@@ -170,8 +191,11 @@ def conclusions(claims_table: pd.DataFrame, summary: pd.DataFrame) -> list[str]:
         def side(m):
             mean, std, n = s.loc[(c["setting"], m), f"{c['column']}_mean"], \
                 s.loc[(c["setting"], m), f"{c['column']}_std"], s.loc[(c["setting"], m), "seeds"]
+            seeds = f"({n} seed{'s' if n > 1 else ''})"
+            if np.isnan(mean):
+                return f"{m} never reached {seeds}"
             spread = "" if np.isnan(std) else f" ± {_fmt(c['column'], std)}"
-            return f"{m} {_fmt(c['column'], mean)}{spread} ({n} seed{'s' if n > 1 else ''})"
+            return f"{m} {_fmt(c['column'], mean)}{spread} {seeds}"
 
         out.append(f"{c['setting']}: {c['claim']}: {c['verdict']} ({c['column']}: {side(c['a'])} against "
                    f"{side(c['b'])}).")

@@ -114,6 +114,23 @@ def test_the_summary_as_markdown_by_hand():
     assert lines[4] == "| hetlora-strict | 1 |" + " did not train |" * 7
 
 
+@pytest.mark.parametrize("ra, rb, verdict", [
+    ("3/3", "0/3", "holds (hetlora never reached the target)"),
+    ("0/3", "3/3", "reversed (hsplitlora never reached the target)"),
+    ("0/3", "0/3", "neither reached the target"),
+    ("3/3", "1/3", "undecided (target reached in 3/3 against 1/3 seeds)"),
+    ("3/3", "3/3", "holds"),  # 1.0 s against 2.0 s, spread sqrt(0.02)
+])
+def test_a_time_to_target_never_reached_decides_the_claim(ra, rb, verdict):
+    summary = pd.DataFrame({"setting": ["s", "s"], "method": ["hsplitlora", "hetlora"], "seeds": [3, 3],
+                            "time_to_t50_s_mean": [1.0 if ra != "0/3" else np.nan, 2.0 if rb != "0/3" else np.nan],
+                            "time_to_t50_s_std": [0.1, 0.1], "reached_t50": [ra, rb]})
+    assert compare(summary, "s", "hsplitlora", "hetlora", "time_to_t50_s")["verdict"] == verdict
+    said = [line for line in conclusions(claims(summary), summary) if "faster than HetLoRA" in line][0]
+    if rb == "0/3":
+        assert said.endswith("against hetlora never reached (3 seeds)).")
+
+
 def _tiny_comparison(**over):
     fields = dict(base="quick", common={"rounds": 1, "local_steps": 1, "eval_mrs": 2, "num_beams": 1,
                                         "max_new_tokens": 6, "val_examples": 8, "events": [], "eval_seed": 0},
