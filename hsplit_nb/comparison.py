@@ -271,7 +271,7 @@ def write_report(ccfg: ComparisonConfig, out, dest) -> dict[str, pd.DataFrame]:
 
     from .io import atomic_write_text
     from .plots import plot_curves_with_spread, plot_summary_bars, save_figure
-    from .reporting import claims, heterogeneity_cost, summarize_runs, summary_markdown
+    from .reporting import claims, claims_markdown, heterogeneity_cost, summarize_runs, summary_markdown
 
     dest = Path(dest)
     curves, runs, goal = collect(ccfg, out)
@@ -285,6 +285,7 @@ def write_report(ccfg: ComparisonConfig, out, dest) -> dict[str, pd.DataFrame]:
         tables["comparison_heterogeneity"] = heterogeneity_cost(summary, homogeneous[0])
     for name, df in tables.items():
         atomic_write_text(dest / f"{name}.csv", df.to_csv(index=False))
+    atomic_write_text(dest / "comparison_claims.md", claims_markdown(tables["comparison_claims"]) + "\n")
     atomic_write_text(dest / "comparison_summary.md", "\n\n".join(
         f"### {setting}\n\n{summary_markdown(summary, setting)}" for setting in summary["setting"].unique()) + "\n")
     for setting in curves["setting"].unique():  # a setting where nothing trained has no curves to draw

@@ -222,3 +222,24 @@ def summary_markdown(summary: pd.DataFrame, setting: str) -> str:
             cells.append(f"{mean:.{digits}f}" + ("" if pd.isna(std) else f" ± {std:.{digits}f}"))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def claims_markdown(claims_table: pd.DataFrame) -> str:
+    """The claims as one Markdown table: a row per claim, a column per setting, each cell the verdict with the
+    two means (a against b), for docs/results.md."""
+    settings = list(dict.fromkeys(claims_table["setting"]))
+    lines = ["| claim | " + " | ".join(settings) + " |", "|" + " --- |" * (len(settings) + 1)]
+    for claim, part in claims_table.groupby("claim", sort=False):
+        cells = []
+        for setting in settings:
+            row = part[part["setting"] == setting]
+            if row.empty:
+                cells.append("")
+                continue
+            r = row.iloc[0]
+            means = [_fmt(r["column"], r.get(k, np.nan)) if not pd.isna(r.get(k, np.nan)) else "never"
+                     for k in ("mean_a", "mean_b")]
+            cells.append(r["verdict"] if r["verdict"] in ("not run", "not measured") else
+                         f"{r['verdict']}: {means[0]} vs {means[1]}")
+        lines.append(f"| {claim} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

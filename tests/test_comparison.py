@@ -14,7 +14,7 @@ from hsplit_nb.__main__ import main
 from hsplit_nb.comparison import ComparisonConfig, collect, finished, read_report, run_comparison, write_report
 from hsplit_nb.config import ConfigError, PAPER_BUDGET_FRACTIONS
 from hsplit_nb.runfolder import RunFolderError
-from hsplit_nb.reporting import (claims, compare, conclusions, heterogeneity_cost, summarize_runs, summary_markdown,
+from hsplit_nb.reporting import (claims, claims_markdown, compare, conclusions, heterogeneity_cost, summarize_runs, summary_markdown,
                                  targets, time_to)
 
 
@@ -82,6 +82,9 @@ def test_a_claim_holds_only_beyond_the_spread(a, sa, b, sb, verdict):
     assert table.loc[table["claim"] == "lower PPL than SplitLoRA", "verdict"].item() == verdict
     assert table.loc[table["claim"] == "lower PPL than HetLoRA", "verdict"].item() == "not run"
     said = conclusions(table, _summary(a, sa, b, sb))
+    md = claims_markdown(table).splitlines()
+    assert md[0] == "| claim | s |" and md[2] == f"| lower PPL than SplitLoRA | {verdict}: {a:.3f} vs {b:.3f} |"
+    assert md[3] == "| lower PPL than HetLoRA | not run |"
     assert said[0] == (f"s: lower PPL than SplitLoRA: {verdict} (final_ppl: hsplitlora {a:.3f}"
                        + ("" if math.isnan(sa) else f" ± {sa:.3f}") + f" (3 seeds) against splitlora {b:.3f} ± {sb:.3f}"
                        " (3 seeds)).")
