@@ -1,6 +1,7 @@
 """The federation on tiny models: every method learns, NAA with one client is centralised LoRA with merges,
 dropouts exclude the absent client, and a stopped run resumes to the same numbers."""
 import dataclasses
+import re
 
 import numpy as np
 import pandas as pd
@@ -175,4 +176,10 @@ def test_hetlora_strict_memory_leaves_out_clients_that_cannot_hold_the_model():
     assert lenient["present"].all()  # the benefit of the doubt: everyone takes part
     nobody = run_experiment(ExperimentConfig(**{**QUICK, "budgets": [1e6, 2e6, 3e6]}, methods=["hetlora-strict"]),
                             progress=False)
-    assert nobody.empty and "no client can hold the whole model" in nobody.attrs["metrics"].loc[0, "note"]
+    note = nobody.attrs["metrics"].loc[0, "note"]
+    assert nobody.empty and "no client can hold the whole model (largest budget 3.000 MB;" in note
+    need = float(re.search(r"the budget each client needs at its rank, with the headroom: .*c2 ([\d.]+) MB", note)[1])
+    just = ExperimentConfig(**{**QUICK, "budgets": [1e6, 2e6, need * 1e6 + 1e3], "rounds": 1},
+                            methods=["hetlora-strict"])  # the need the note names is enough (to the kB)
+    present = run_experiment(just, progress=False).attrs["clients"]["present"].tolist()
+    assert present == [False, False, True]

@@ -158,15 +158,16 @@ class MainServer:
 
     def _exclude_clients_that_cannot_hold_the_model(self) -> None:
         """Charge the whole model to each client's budget; clients it does not fit stay out for good."""
-        ranks = self._plan()
-        cfg = self.cfg
+        ranks, cfg, needs = self._plan(), self.cfg, []
         for c in self.clients:
             need = whole_model_bytes(self.config, ranks[c.name][1], cfg.batch_size, cfg.seq_len, self.p)
+            needs.append(f"{c.name} {need / (1 - cfg.headroom) / 1e6:.3f} MB")
             if need > (1 - cfg.headroom) * c.spec.memory:
                 c.excluded, c.present = True, False
         if not self.present:
             raise NoClientFits("strict memory: no client can hold the whole model (largest budget "
-                               f"{max(c.spec.memory for c in self.clients) / 1e9:.3f} GB)")
+                               f"{max(c.spec.memory for c in self.clients) / 1e6:.3f} MB; the budget each "
+                               f"client needs at its rank, with the headroom: {', '.join(needs)})")
 
     def _plan_inputs(self, uniform: bool = False) -> PlanInputs:
         present, cfg = self.present, self.cfg
