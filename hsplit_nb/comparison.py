@@ -282,7 +282,7 @@ def write_report(ccfg: ComparisonConfig, out, dest) -> dict[str, pd.DataFrame]:
               "comparison_targets": goal, "comparison_curves": curves}
     homogeneous = [name for name in ccfg.settings if ccfg.homogeneous(name) and name in set(runs["setting"])]
     if homogeneous:
-        tables["comparison_heterogeneity"] = heterogeneity_cost(summary, homogeneous[0])
+        tables["comparison_heterogeneity"] = heterogeneity_cost(runs, homogeneous[0])
     for name, df in tables.items():
         atomic_write_text(dest / f"{name}.csv", df.to_csv(index=False))
     atomic_write_text(dest / "comparison_claims.md", claims_markdown(tables["comparison_claims"]) + "\n")

@@ -132,19 +132,24 @@ def compare(summary: pd.DataFrame, setting: str, a: str, b: str, column: str, lo
             "ratio_b_to_a": mb / ma if ma else float("nan"), "spread": spread, "verdict": verdict}
 
 
-def heterogeneity_cost(summary: pd.DataFrame, homogeneous: str, column: str = "final_ppl") -> pd.DataFrame:
+def heterogeneity_cost(runs: pd.DataFrame, homogeneous: str, column: str = "final_ppl") -> pd.DataFrame:
     """What heterogeneity costs each method (the paper: about 0.38 PPL for HetLoRA, 0.1 for SplitLoRA): per
-    method run in the `homogeneous` setting and in another, the mean of `column` in each and the difference
-    (other minus homogeneous), with the spread of the other setting's seeds."""
-    s = summary.set_index(["setting", "method"])
+    method and setting, `column` minus the homogeneous setting's on the same seed, averaged over the seeds both
+    ran (paired, so the seed-to-seed spread of either setting does not enter), with its standard deviation."""
+    if column not in runs:
+        return pd.DataFrame()
+    base = runs[runs["setting"] == homogeneous].set_index(["method", "seed"])[column]
     rows = []
-    for (setting, method), row in s.iterrows():
-        if setting == homogeneous or (homogeneous, method) not in s.index or f"{column}_mean" not in s:
+    for (setting, method), part in runs[runs["setting"] != homogeneous].groupby(["setting", "method"], sort=False):
+        pairs = [(v, base[(method, seed)]) for seed, v in zip(part["seed"], part[column])
+                 if (method, seed) in base.index and not (pd.isna(v) or pd.isna(base[(method, seed)]))]
+        if not pairs:
             continue
-        base = s.loc[(homogeneous, method), f"{column}_mean"]
-        rows.append({"setting": setting, "method": method, f"{column}_homogeneous": base,
-                     column: row[f"{column}_mean"], "cost": row[f"{column}_mean"] - base,
-                     "spread": row[f"{column}_std"], "seeds": row["seeds"]})
+        cost = np.array([v - b for v, b in pairs])
+        rows.append({"setting": setting, "method": method, "seeds": len(pairs),
+                     f"{column}_homogeneous": float(np.mean([b for _, b in pairs])),
+                     column: float(np.mean([v for v, _ in pairs])), "cost": float(cost.mean()),
+                     "cost_std": float(cost.std(ddof=1)) if len(cost) > 1 else float("nan")})
     return pd.DataFrame(rows)
 
 

@@ -14,8 +14,8 @@ from hsplit_nb.__main__ import main
 from hsplit_nb.comparison import ComparisonConfig, collect, finished, read_report, run_comparison, write_report
 from hsplit_nb.config import ConfigError, PAPER_BUDGET_FRACTIONS
 from hsplit_nb.runfolder import RunFolderError
-from hsplit_nb.reporting import (claims, claims_markdown, compare, conclusions, heterogeneity_cost, summarize_runs, summary_markdown,
-                                 targets, time_to)
+from hsplit_nb.reporting import (claims, claims_markdown, compare, conclusions, heterogeneity_cost, summarize_runs,
+                                 summary_markdown, targets, time_to)
 
 
 def _curve(ppls, times=None):
@@ -92,14 +92,17 @@ def test_a_claim_holds_only_beyond_the_spread(a, sa, b, sb, verdict):
 
 
 def test_heterogeneity_cost_and_speed_up_ratio_by_hand():
-    summary = pd.DataFrame({"setting": ["hom", "hom", "het", "het", "het"],
-                            "method": ["hetlora", "splitlora", "hetlora", "splitlora", "ft"], "seeds": [1, 1, 3, 3, 1],
-                            "final_ppl_mean": [5.0, 4.4, 5.38, 4.5, 4.0],
-                            "final_ppl_std": [np.nan, np.nan, 0.1, 0.02, np.nan]})
-    cost = heterogeneity_cost(summary, "hom").set_index("method")
+    runs = pd.DataFrame({"setting": ["hom", "hom", "hom", "het", "het", "het", "het", "het"],
+                         "method": ["hetlora"] * 2 + ["splitlora"] + ["hetlora"] * 3 + ["splitlora", "ft"],
+                         "seed": [0, 1, 0, 0, 1, 2, 0, 0],
+                         "final_ppl": [5.0, 5.2, 4.4, 5.3, 5.66, 9.0, 4.5, 4.0]})
+    cost = heterogeneity_cost(runs, "hom").set_index("method")
     assert list(cost.index) == ["hetlora", "splitlora"]  # FT was not run in the homogeneous setting
-    assert cost.loc["hetlora", "cost"] == pytest.approx(0.38) and cost.loc["splitlora", "cost"] == pytest.approx(0.1)
-    assert cost.loc["hetlora", "spread"] == 0.1 and cost.loc["hetlora", "final_ppl_homogeneous"] == 5.0
+    # HetLoRA: seeds 0 and 1 are paired (0.3 and 0.46); seed 2 has no homogeneous run and is left out
+    assert cost.loc["hetlora", "cost"] == pytest.approx(0.38) and cost.loc["hetlora", "seeds"] == 2
+    assert cost.loc["hetlora", "cost_std"] == pytest.approx(np.std([0.3, 0.46], ddof=1))
+    assert cost.loc["hetlora", "final_ppl_homogeneous"] == pytest.approx(5.1)
+    assert cost.loc["splitlora", "cost"] == pytest.approx(0.1) and np.isnan(cost.loc["splitlora", "cost_std"])
     times = pd.DataFrame({"setting": ["s", "s"], "method": ["hsplitlora", "ft"], "seeds": [1, 1],
                           "time_to_t50_s_mean": [2.0, 2.8], "time_to_t50_s_std": [np.nan, np.nan]})
     assert compare(times, "s", "hsplitlora", "ft", "time_to_t50_s")["ratio_b_to_a"] == pytest.approx(1.4)
