@@ -156,7 +156,7 @@ def main(argv=None) -> None:
         ap.error(f"--workers must be at least 1, got {args.workers}")
     ccfg = ComparisonConfig.load(args.config)
     out = Path(args.out)
-    if args.worker:  # one of the parent's workers: runs until none is left unclaimed; the parent writes the last report
+    if args.worker:  # one of the parent's workers: runs until none is left unclaimed; the parent reports last
         run_worker(ccfg, out, args)
         return
     if not args.report_only:
