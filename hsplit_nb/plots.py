@@ -198,7 +198,7 @@ def plot_summary_bars(summary: pd.DataFrame, column: str, ylabel: str, ax=None, 
     order = list(dict.fromkeys(summary["method"]))
     ran = summary.pivot(index="method", columns="setting", values="seeds").reindex(order)
     notes = summary.pivot(index="method", columns="setting", values="note").reindex(order) \
-        if "note" in summary else ran.isna()
+        if "note" in summary else pd.DataFrame(index=ran.index, columns=ran.columns)  # no run has a note
     mean, std = mean.reindex(order), std.reindex(order).fillna(0)
     mean.plot.bar(ax=ax, yerr=std, rot=30, capsize=2, logy=log)
     width = 0.8 / max(1, mean.shape[1])

@@ -210,12 +210,15 @@ SUMMARY_COLUMNS = [("final_ppl", "final PPL", 3), ("time_to_t50_s", "sim s to t5
                    ("NIST", "NIST", 2), ("METEOR", "METEOR", 3), ("ROUGE_L", "ROUGE-L", 3), ("CIDEr", "CIDEr", 2)]
 
 
+def _markdown_table(head: list[str], rows: list[list[str]]) -> str:
+    return "\n".join("| " + " | ".join(cells) + " |" for cells in [head, ["---"] * len(head), *rows])
+
+
 def summary_markdown(summary: pd.DataFrame, setting: str) -> str:
     """One setting of the summary as a Markdown table (mean ± std over seeds; one seed: the mean alone; a time
     to target reached by no seed: 'not reached'; a method no client could train: 'did not train'), for
     docs/results.md and the notebooks."""
-    head = ["method", "seeds"] + [label for _, label, _ in SUMMARY_COLUMNS]
-    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    head, rows = ["method", "seeds"] + [label for _, label, _ in SUMMARY_COLUMNS], []
     for _, row in summary[summary["setting"] == setting].iterrows():
         cells = [row["method"], str(int(row["seeds"]))]
         for column, _, digits in SUMMARY_COLUMNS:
@@ -225,15 +228,15 @@ def summary_markdown(summary: pd.DataFrame, setting: str) -> str:
                              else "not reached" if column.startswith("time_to") else "")
                 continue
             cells.append(f"{mean:.{digits}f}" + ("" if pd.isna(std) else f" ± {std:.{digits}f}"))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        rows.append(cells)
+    return _markdown_table(head, rows)
 
 
 def claims_markdown(claims_table: pd.DataFrame) -> str:
     """The claims as one Markdown table: a row per claim, a column per setting, each cell the verdict with the
     two means (a against b), for docs/results.md."""
     settings = list(dict.fromkeys(claims_table["setting"]))
-    lines = ["| claim | " + " | ".join(settings) + " |", "|" + " --- |" * (len(settings) + 1)]
+    rows = []
     for claim, part in claims_table.groupby("claim", sort=False):
         cells = []
         for setting in settings:
@@ -246,5 +249,5 @@ def claims_markdown(claims_table: pd.DataFrame) -> str:
                      for k in ("mean_a", "mean_b")]
             cells.append(r["verdict"] if r["verdict"] in ("not run", "not measured") else
                          f"{r['verdict']}: {means[0]} vs {means[1]}")
-        lines.append(f"| {claim} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        rows.append([claim, *cells])
+    return _markdown_table(["claim", *settings], rows)
