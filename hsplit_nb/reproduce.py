@@ -54,15 +54,30 @@ def run_notebooks(out_dir="results/notebooks", directory=NOTEBOOK_DIR, quick: bo
             raise RuntimeError(f"{nb.name}: cell {exc.cell_index} (In [{exc.exec_count}]) failed with "
                                f"{exc.ename}: {exc.evalue}; the partly executed notebook is {target}") from None
         seconds = time.perf_counter() - start
-        html, _ = HTMLExporter().from_notebook_node(nbformat.read(target, as_version=4))
+        executed = nbformat.read(target, as_version=4)
+        html, _ = HTMLExporter().from_notebook_node(executed)
         atomic_write_text(target.with_suffix(".html"), html)
-        rows.append({"notebook": nb.name, "seconds": round(seconds, 1), "mode": "quick" if quick else "full"})
+        rows.append({"notebook": nb.name, "seconds": round(seconds, 1),
+                     "first_figure_s": first_figure_seconds(executed), "mode": "quick" if quick else "full"})
         atomic_write_text(out / "times.csv", pd.DataFrame(rows).to_csv(index=False))
     table = pd.DataFrame(rows)
     total = table["seconds"].sum() if len(table) else 0.0
     print(table.to_string(index=False))
     print(f"total: {total / 60:.1f} min; executed notebooks, HTML, figures and tables in {out}/")
     return table
+
+
+def first_figure_seconds(executed) -> float | None:
+    """Seconds from the start of an executed notebook's first cell to the end of the first cell that shows a
+    figure (papermill's per-cell timestamps): how long a reader waits for the first picture. None without one."""
+    cells = [c for c in executed.cells if c.cell_type == "code" and c.metadata.get("papermill", {}).get("start_time")]
+    if not cells:
+        return None
+    t0 = pd.Timestamp(cells[0].metadata["papermill"]["start_time"])
+    for cell in cells:
+        if any("image/png" in o.get("data", {}) for o in cell.get("outputs", [])):
+            return round((pd.Timestamp(cell.metadata["papermill"]["end_time"]) - t0).total_seconds(), 1)
+    return None
 
 
 WIDGET = "application/vnd.jupyter.widget-view+json"

@@ -18,7 +18,11 @@ def _write(path, *sources, tags_first=True):
 def test_runner_executes_in_order_and_names_the_failing_cell(tmp_path):
     src = tmp_path / "nbs"
     src.mkdir()
-    _write(src / "00_ok.ipynb", "out_dir = 'x'", "import os\nprint(os.environ['HSPLIT_QUICK'], out_dir)")
+    _write(src / "00_ok.ipynb", "out_dir = 'x'", "import os\nprint(os.environ['HSPLIT_QUICK'], out_dir)",
+           "import time; time.sleep(1.5)",
+           "from IPython.display import Image, display\nimport base64\n"
+           "display(Image(base64.b64decode('iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg==')))",
+           "time.sleep(1)")
     _write(src / "01_bad.ipynb", "out_dir = 'x'", "x = 1", "raise ValueError('broken on purpose')")
     out = tmp_path / "out"
     with pytest.raises(RuntimeError, match=r"01_bad\.ipynb: cell \d+ \(In \[\d+\]\) failed with ValueError: broken on purpose"):
@@ -29,6 +33,8 @@ def test_runner_executes_in_order_and_names_the_failing_cell(tmp_path):
     assert printed.startswith("1 ") and str(out / "00_ok") in printed  # quick mode and out_dir reached the kernel
     table = run_notebooks(out, directory=src, quick=True, only=["00"])
     assert list(table["notebook"]) == ["00_ok.ipynb"]
+    # the first figure comes after the 1.5 s sleep and before the last 1 s one
+    assert 1.5 <= table["first_figure_s"].iloc[0] < table["seconds"].iloc[0] - 0.9
     with pytest.raises(ValueError, match=r"no notebook matches \['07'\]"):
         notebooks(src, only=["07"])
 
