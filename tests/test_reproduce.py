@@ -1,4 +1,6 @@
 """The reproduction runner: executes notebooks in order, writes HTML and times, names a failing cell."""
+import re
+
 import nbformat
 import pytest
 
@@ -74,6 +76,7 @@ def test_publish_writes_a_page_per_notebook_with_prose_tables_and_figures_but_no
     assert "SECRET_CODE_NAME" in text and "<style" not in text  # the table, without pandas' CSS
     assert "secret_code_name" not in text and "to stderr" not in text and "out_dir" not in text  # no code, no stderr
     assert PANEL_NOTE in text and "IntSlider" not in text
+    assert re.search(r"\(`make reproduce`, \d+\.\d min, first figure after \d+\.\d min\)", text)
     [figure] = (docs / "00_lesson_files").glob("*.png")
     assert f"00_lesson_files/{figure.name}" in text and figure.read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(FileNotFoundError, match="no executed notebooks"):
