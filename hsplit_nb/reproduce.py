@@ -38,8 +38,8 @@ def run_notebooks(out_dir="results/notebooks", directory=NOTEBOOK_DIR, quick: bo
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     os.environ["HSPLIT_QUICK"] = "1" if quick else "0"  # the kernels inherit it
-    rows = []
     paths = notebooks(directory, only)
+    rows = _earlier_times(out / "times.csv", [p.name for p in paths], "quick" if quick else "full")
     bar = tqdm(paths, desc="notebooks")
     for nb in bar:
         bar.set_postfix(notebook=nb.name)
@@ -59,12 +59,23 @@ def run_notebooks(out_dir="results/notebooks", directory=NOTEBOOK_DIR, quick: bo
         atomic_write_text(target.with_suffix(".html"), html)
         rows.append({"notebook": nb.name, "seconds": round(seconds, 1),
                      "first_figure_s": first_figure_seconds(executed), "mode": "quick" if quick else "full"})
-        atomic_write_text(out / "times.csv", pd.DataFrame(rows).to_csv(index=False))
+        atomic_write_text(out / "times.csv", pd.DataFrame(rows).sort_values("notebook").to_csv(index=False))
     table = pd.DataFrame(rows)
+    table = table[table["notebook"].isin([p.name for p in paths])].reset_index(drop=True)
     total = table["seconds"].sum() if len(table) else 0.0
     print(table.to_string(index=False))
     print(f"total: {total / 60:.1f} min; executed notebooks, HTML, figures and tables in {out}/")
     return table
+
+
+def _earlier_times(path: Path, running: list[str], mode: str) -> list[dict]:
+    """The rows of times.csv for notebooks not run now (same mode), so `--only` updates its notebooks' times and
+    keeps the others'."""
+    if not path.is_file():
+        return []
+    earlier = pd.read_csv(path)
+    keep = earlier[~earlier["notebook"].isin(running) & (earlier["mode"] == mode)]
+    return keep.to_dict("records")
 
 
 def first_figure_seconds(executed) -> float | None:
@@ -81,12 +92,13 @@ def first_figure_seconds(executed) -> float | None:
 
 
 WIDGET = "application/vnd.jupyter.widget-view+json"
+PROGRESS_BAR = re.compile(r"\d+%\|")  # tqdm.auto's widget, as its text fallback shows it: not a panel
 PANEL_NOTE = "*(An interactive panel in the notebook: open it in JupyterLab to move its controls.)*"
 
 
 def _for_reading(nb):
     """An executed notebook as a reader of the docs sees it: no code, no progress bars or warnings (stderr), and a
-    line in place of each widget (its state lives in a kernel, not in a page)."""
+    line in place of each interactive panel (its state lives in a kernel, not in a page)."""
     import nbformat
 
     cells = []
@@ -101,7 +113,8 @@ def _for_reading(nb):
             if o.get("output_type") == "stream" and o.get("name") == "stderr":
                 continue
             if WIDGET in o.get("data", {}):
-                cells.append(nbformat.v4.new_markdown_cell(PANEL_NOTE))
+                if not PROGRESS_BAR.search(o["data"].get("text/plain", "")):
+                    cells.append(nbformat.v4.new_markdown_cell(PANEL_NOTE))
                 continue
             outputs.append(o)
         if outputs:

@@ -2,6 +2,7 @@
 import re
 
 import nbformat
+import pandas as pd
 import pytest
 
 from hsplit_nb.reproduce import NOTEBOOK_DIR, PANEL_NOTE, notebooks, publish, run_notebooks
@@ -33,8 +34,13 @@ def test_runner_executes_in_order_and_names_the_failing_cell(tmp_path):
     executed = nbformat.read(out / "00_ok.ipynb", as_version=4)
     printed = "".join(o.get("text", "") for c in executed.cells for o in c.get("outputs", []))
     assert printed.startswith("1 ") and str(out / "00_ok") in printed  # quick mode and out_dir reached the kernel
+    _write(src / "01_bad.ipynb", "out_dir = 'x'", "x = 1")
+    run_notebooks(out, directory=src, quick=True)
     table = run_notebooks(out, directory=src, quick=True, only=["00"])
     assert list(table["notebook"]) == ["00_ok.ipynb"]
+    recorded = pd.read_csv(out / "times.csv")  # --only updates its notebook's time and keeps the other's
+    assert list(recorded["notebook"]) == ["00_ok.ipynb", "01_bad.ipynb"]
+    assert recorded["seconds"].iloc[0] == table["seconds"].iloc[0]
     # the first figure comes after the 1.5 s sleep and before the last 1 s one
     assert 1.5 <= table["first_figure_s"].iloc[0] < table["seconds"].iloc[0] - 0.9
     with pytest.raises(ValueError, match=r"no notebook matches \['07'\]"):
@@ -66,6 +72,7 @@ def test_publish_writes_a_page_per_notebook_with_prose_tables_and_figures_but_no
                                           "from IPython.display import display\n"
                                           "fig = Figure(); fig.subplots().plot([0, 1]); display(fig)"),
                 nbformat.v4.new_code_cell("import ipywidgets\nipywidgets.IntSlider()"),
+                nbformat.v4.new_code_cell("from tqdm.notebook import tqdm\nfor _ in tqdm(range(2), desc='rounds'): pass"),
                 nbformat.v4.new_markdown_cell("What it shows.")]
     nb.cells[1].metadata["tags"] = ["parameters"]
     nbformat.write(nb, src / "00_lesson.ipynb")
@@ -75,7 +82,7 @@ def test_publish_writes_a_page_per_notebook_with_prose_tables_and_figures_but_no
     assert page.name == "00_lesson.md" and "# 00 · A lesson" in text and "What it shows." in text
     assert "SECRET_CODE_NAME" in text and "<style" not in text  # the table, without pandas' CSS
     assert "secret_code_name" not in text and "to stderr" not in text and "out_dir" not in text  # no code, no stderr
-    assert PANEL_NOTE in text and "IntSlider" not in text
+    assert text.count(PANEL_NOTE) == 1 and "IntSlider" not in text and "rounds" not in text  # a bar is no panel
     assert re.search(r"\(`make reproduce`, \d+\.\d min, first figure after \d+\.\d min\)", text)
     [figure] = (docs / "00_lesson_files").glob("*.png")
     assert f"00_lesson_files/{figure.name}" in text and figure.read_bytes()[:4] == b"\x89PNG"
