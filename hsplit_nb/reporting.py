@@ -183,29 +183,6 @@ def _fmt(column: str, v: float) -> str:
     return f"{v:.3g} s" if column.startswith("time_to") else f"{v:.3f}"
 
 
-def conclusions(claims_table: pd.DataFrame, summary: pd.DataFrame) -> list[str]:
-    """One sentence per claim and setting, with both means and spreads and the verdict, for notebooks and docs."""
-    s = summary.set_index(["setting", "method"])
-    out = []
-    for _, c in claims_table.iterrows():
-        if c["verdict"] in ("not run", "not measured"):
-            out.append(f"{c['setting']}: {c['claim']}: {c['verdict']}.")
-            continue
-
-        def side(m):
-            mean, std, n = s.loc[(c["setting"], m), f"{c['column']}_mean"], \
-                s.loc[(c["setting"], m), f"{c['column']}_std"], s.loc[(c["setting"], m), "seeds"]
-            seeds = f"({n} seed{'s' if n > 1 else ''})"
-            if np.isnan(mean):
-                return f"{m} never reached {seeds}"
-            spread = "" if np.isnan(std) else f" ± {_fmt(c['column'], std)}"
-            return f"{m} {_fmt(c['column'], mean)}{spread} {seeds}"
-
-        out.append(f"{c['setting']}: {c['claim']}: {c['verdict']} ({c['column']}: {side(c['a'])} against "
-                   f"{side(c['b'])}).")
-    return out
-
-
 SUMMARY_COLUMNS = [("final_ppl", "final PPL", 3), ("time_to_t50_s", "sim s to t50", 2), ("BLEU", "BLEU", 3),
                    ("NIST", "NIST", 2), ("METEOR", "METEOR", 3), ("ROUGE_L", "ROUGE-L", 3), ("CIDEr", "CIDEr", 2)]
 
