@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import time
 from pathlib import Path
 
@@ -149,6 +150,7 @@ def publish(executed_dir="results/notebooks", dest="docs/notebooks", max_bytes: 
         nb = _for_reading(nbformat.read(path, as_version=4))
         exporter = MarkdownExporter(exclude_input=True)
         body, resources = exporter.from_notebook_node(nb, resources={"output_files_dir": f"{path.stem}_files"})
+        shutil.rmtree(out / f"{path.stem}_files", ignore_errors=True)  # figures of an earlier page go with it
         for name, data in resources.get("outputs", {}).items():
             if len(data) > max_bytes:
                 raise ValueError(f"{path.name}: figure {name} is {len(data) / 2**20:.1f} MiB, over the "

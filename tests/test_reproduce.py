@@ -77,6 +77,8 @@ def test_publish_writes_a_page_per_notebook_with_prose_tables_and_figures_but_no
     nb.cells[1].metadata["tags"] = ["parameters"]
     nbformat.write(nb, src / "00_lesson.ipynb")
     run_notebooks(out, directory=src, quick=True)
+    (docs / "00_lesson_files").mkdir(parents=True)
+    (docs / "00_lesson_files" / "output_9_0.png").write_bytes(b"a figure of an earlier page")
     [page] = publish(out, docs)
     text = page.read_text()
     assert page.name == "00_lesson.md" and "# 00 · A lesson" in text and "What it shows." in text
