@@ -61,8 +61,7 @@ def run_notebooks(out_dir="results/notebooks", directory=NOTEBOOK_DIR, quick: bo
         rows.append({"notebook": nb.name, "seconds": round(seconds, 1),
                      "first_figure_s": first_figure_seconds(executed), "mode": "quick" if quick else "full"})
         atomic_write_text(out / "times.csv", pd.DataFrame(rows).sort_values("notebook").to_csv(index=False))
-    table = pd.DataFrame(rows)
-    table = table[table["notebook"].isin([p.name for p in paths])].reset_index(drop=True)
+    table = pd.DataFrame([r for r in rows if r["notebook"] in {p.name for p in paths}])
     total = table["seconds"].sum() if len(table) else 0.0
     print(table.to_string(index=False))
     print(f"total: {total / 60:.1f} min; executed notebooks, HTML, figures and tables in {out}/")
@@ -126,11 +125,13 @@ def _for_reading(nb):
 
 
 def _took(times: pd.DataFrame | None, name: str) -> str:
+    """A page head's ', 4.4 min, first figure after 1.9 min' from times.csv ('' when the notebook is not in it)."""
     row = None if times is None else times[times["notebook"] == name]
     if row is None or row.empty:
         return ""
     first = row["first_figure_s"].iloc[0] if "first_figure_s" in row else None
-    return f", {row['seconds'].iloc[0] / 60:.1f} min" + ("" if pd.isna(first) else f", first figure after {first / 60:.1f} min")
+    took = f", {row['seconds'].iloc[0] / 60:.1f} min"
+    return took if first is None or pd.isna(first) else f"{took}, first figure after {first / 60:.1f} min"
 
 
 def publish(executed_dir="results/notebooks", dest="docs/notebooks", max_bytes: int = 2 * 2**20) -> list[Path]:

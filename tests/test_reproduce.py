@@ -24,7 +24,8 @@ def test_runner_executes_in_order_and_names_the_failing_cell(tmp_path):
     _write(src / "00_ok.ipynb", "out_dir = 'x'", "import os\nprint(os.environ['HSPLIT_QUICK'], out_dir)",
            "import time; time.sleep(1.5)",
            "from IPython.display import Image, display\nimport base64\n"
-           "display(Image(base64.b64decode('iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg==')))",
+           "display(Image(base64.b64decode('iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk'"
+           "'+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg==')))",  # a 1x1 PNG
            "time.sleep(1)")
     _write(src / "01_bad.ipynb", "out_dir = 'x'", "x = 1", "raise ValueError('broken on purpose')")
     out = tmp_path / "out"
@@ -72,7 +73,8 @@ def test_publish_writes_a_page_per_notebook_with_prose_tables_and_figures_but_no
                                           "from IPython.display import display\n"
                                           "fig = Figure(); fig.subplots().plot([0, 1]); display(fig)"),
                 nbformat.v4.new_code_cell("import ipywidgets\nipywidgets.IntSlider()"),
-                nbformat.v4.new_code_cell("from tqdm.notebook import tqdm\nfor _ in tqdm(range(2), desc='rounds'): pass"),
+                nbformat.v4.new_code_cell("from tqdm.notebook import tqdm\n"
+                                          "for _ in tqdm(range(2), desc='rounds'): pass"),
                 nbformat.v4.new_markdown_cell("What it shows.")]
     nb.cells[1].metadata["tags"] = ["parameters"]
     nbformat.write(nb, src / "00_lesson.ipynb")
