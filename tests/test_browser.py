@@ -22,6 +22,11 @@ from pathlib import Path
 
 import pytest
 
+try:
+    from selenium.common.exceptions import StaleElementReferenceException as STALE
+except ImportError:  # without selenium the browser tests skip; nothing can go stale
+    STALE = ()
+
 REPO = Path(__file__).resolve().parent.parent
 ARTIFACTS = REPO / "results" / "browser"
 CHROMIUM, DRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
@@ -115,7 +120,10 @@ return {ready: panel.sessionContext.isReady, status: kernel ? kernel.status : nu
 def _wait(fn, timeout: float, what: str, poll: float = 0.5):
     deadline = time.time() + timeout
     while time.time() < deadline:
-        value = fn()
+        try:
+            value = fn()
+        except STALE:  # the panel replaced an element while it was read (it is updating): read again
+            value = None
         if value:
             return value
         time.sleep(poll)
@@ -228,7 +236,7 @@ def test_a_notebook_runs_in_jupyterlab_and_its_panel_follows_its_controls(lab, d
     box, area = _panel(driver)
     assert box.find_elements("css selector", ".widget-slider, .widget-dropdown"), f"{name}: no live control"
     for kind, steps in CONTROLS[name]:
-        before = _output(area)
+        before = _wait(lambda: _output(area), 30, f"{name}'s panel to be read")
         _move(driver, box, kind, steps)
         def changed():
             o = _output(area)
