@@ -35,7 +35,7 @@ def test_runner_executes_in_order_and_names_the_failing_cell(tmp_path):
     executed = nbformat.read(out / "00_ok.ipynb", as_version=4)
     printed = "".join(o.get("text", "") for c in executed.cells for o in c.get("outputs", []))
     assert printed.startswith("1 ") and str(out / "00_ok") in printed  # quick mode and out_dir reached the kernel
-    _write(src / "01_bad.ipynb", "out_dir = 'x'", "x = 1")
+    _write(src / "01_bad.ipynb", "out_dir = 'x'", "x = 1")  # mended, so that both notebooks have a time
     run_notebooks(out, directory=src, quick=True)
     table = run_notebooks(out, directory=src, quick=True, only=["00"])
     assert list(table["notebook"]) == ["00_ok.ipynb"]
