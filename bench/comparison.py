@@ -35,15 +35,22 @@ RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parent.parent
 
 
+def report_folder(out: Path) -> Path:
+    """Where a comparison's report goes: its own output folder; the recorded comparison's (the default --out) keeps
+    its report in bench/results/, where the committed figures are."""
+    return RESULTS if Path(out).resolve() == (RESULTS / "comparison").resolve() else Path(out)
+
+
 def report(ccfg: ComparisonConfig, out: Path, config_path: str) -> None:
-    tables = write_report(ccfg, out, RESULTS)
+    dest = report_folder(out)
+    tables = write_report(ccfg, out, dest)
     runs = tables["comparison"]
     specs = ccfg.runs()
     done = [s for s in specs if finished(s, out)]
     wall = float(runs["wall_time_run_s"].sum()) if "wall_time_run_s" in runs else 0.0
-    calls = _invocations()
+    calls = _invocations(out)
     clock = sum(c["seconds"] for c in calls)
-    atomic_write_json(RESULTS / "comparison.json", {
+    atomic_write_json(dest / "comparison.json", {
         "benchmark": "comparison", "config": ccfg.model_dump(), "config_file": config_path,
         "runs_finished": len(done), "runs_total": len(specs), "wall_seconds_all_finished_runs": wall,
         "clock_seconds_all_invocations": clock, "invocations": calls, "machine": machine()})
@@ -56,18 +63,16 @@ def report(ccfg: ComparisonConfig, out: Path, config_path: str) -> None:
         print(s[cols].round(4).to_string(index=False))
 
 
-INVOCATIONS = RESULTS / "comparison" / "invocations.json"
+def _invocations(out: Path) -> list[dict]:
+    path = Path(out) / "invocations.json"
+    return read_mapping(path).get("invocations", []) if path.is_file() else []
 
 
-def _invocations() -> list[dict]:
-    return read_mapping(INVOCATIONS).get("invocations", []) if INVOCATIONS.is_file() else []
-
-
-def _clock(started: str, seconds: float, workers: int, runs: int) -> None:
+def _clock(out: Path, started: str, seconds: float, workers: int, runs: int) -> None:
     """Record (or update) this invocation's clock time, so the comparison's total survives a killed session."""
-    calls = [c for c in _invocations() if c["started"] != started]
+    calls = [c for c in _invocations(out) if c["started"] != started]
     calls.append({"started": started, "seconds": seconds, "workers": workers, "runs_selected": runs})
-    atomic_write_json(INVOCATIONS, {"invocations": sorted(calls, key=lambda c: c["started"])})
+    atomic_write_json(Path(out) / "invocations.json", {"invocations": sorted(calls, key=lambda c: c["started"])})
 
 
 CLAIMS = ".claims"  # under --out: one empty file per run a worker of this invocation has taken
@@ -105,7 +110,7 @@ def run_workers(args, argv: list[str], todo: int) -> None:
     started, t0 = datetime.datetime.now().isoformat(timespec="seconds"), time.perf_counter()
     try:
         while any(p.poll() is None for p in procs):
-            _clock(started, time.perf_counter() - t0, n, todo)
+            _clock(args.out, started, time.perf_counter() - t0, n, todo)
             time.sleep(30)
     finally:
         for p in procs:
@@ -113,7 +118,7 @@ def run_workers(args, argv: list[str], todo: int) -> None:
                 p.terminate()
         for p in procs:
             p.wait()
-        _clock(started, time.perf_counter() - t0, n, todo)
+        _clock(args.out, started, time.perf_counter() - t0, n, todo)
         clear_claims(Path(args.out))
     bad = [p.returncode for p in procs if p.returncode]
     if bad:
@@ -168,7 +173,7 @@ def main(argv=None) -> None:
             try:
                 run_worker(ccfg, out, args)
             finally:
-                _clock(started, time.perf_counter() - t0, 1, todo)
+                _clock(args.out, started, time.perf_counter() - t0, 1, todo)
     report(ccfg, out, args.config)
 
 

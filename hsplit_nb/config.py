@@ -117,6 +117,7 @@ class ExperimentConfig(TypedConfig):
     speeds: list[Positive] | None = None  # FLOP/s per client; default proportional to budget
     bandwidth: Positive = DEFAULT_BANDWIDTH
     server_speed: Positive | None = None
+    testbed: str | None = None  # configs/testbeds/<name>.yaml: sets speeds, server_speed and bandwidth together
     partition: Literal["iid", "dirichlet"] = "iid"
     dirichlet_alpha: Positive = 0.5
     partition_attribute: Literal[tuple(E2E_ATTRIBUTES)] = "eatType"
@@ -182,6 +183,10 @@ class ExperimentConfig(TypedConfig):
             if value is not None and len(value) != n:
                 _bad(name, value, f"one value per client ({n}; num_clients)")
         _check_events(self)
+        if self.testbed is not None:
+            from .testbed import check_testbed
+
+            check_testbed(self)
         return self
 
     # ---- files and copies ------------------------------------------------------------------------
@@ -241,6 +246,17 @@ class ExperimentConfig(TypedConfig):
         """Every client's memory budget in bytes."""
         scale = self.budget_scale(model_config)
         return [b * scale for b in self.budgets]
+
+    def resolved(self, model_config) -> "ExperimentConfig":
+        """The config a run is simulated with: a testbed's client and server FLOP/s and bandwidth made explicit
+        for these budgets (itself when no testbed is named)."""
+        if self.testbed is None:
+            return self
+        from .testbed import load_testbed
+
+        tb, budgets = load_testbed(self.testbed), self.budget_bytes(model_config)
+        return self.replace(testbed=None, speeds=tb.client_speeds(budgets), server_speed=tb.server_speed(budgets),
+                            bandwidth=tb.bandwidth)
 
     def events_in_bytes(self, model_config) -> list[dict]:
         """The event schedule with client names and budget events' memory in bytes."""

@@ -23,6 +23,9 @@ from .split import split_model
 ADAPTER_COPIES_BYTES = 4 * 4  # fp32 weight, grad, Adam exp_avg, exp_avg_sq
 DEFAULT_BANDWIDTH = 1e8  # bytes/s (800 Mbit/s)
 FLOPS_PER_BUDGET_BYTE = 1e3  # default client speed: a 20 GB budget computes at 20 TFLOP/s
+# A local step that also calibrates IWI (hooks form x^T g_out for every frozen candidate weight) against a plain
+# step: measured by bench/iwi_cost.py (SmolLM2-135M, CPU; bench/results/iwi_cost.json). Clock and ARMSC charge it.
+CALIBRATION_STEP_FACTOR = 1.37
 
 
 def dtype_bytes(dtype) -> int:
@@ -187,18 +190,18 @@ def smashed_bytes(config, batch_size: int, seq_len: int, dtype=torch.float32) ->
 
 
 def step_latency(config, split_points, speeds, bandwidths, server_speed: float, batch_size: int, seq_len: int,
-                 dtype=torch.float32) -> dict:
+                 dtype=torch.float32, compute_factor: float = 1.0) -> dict:
     """The spec's latency model of one local step of the whole federation (seconds).
 
     c_k = flops_client(s_k) / F_k + 2 * bytes(smashed) / b_k;  S = sum_k flops_server(L - s_k) / F_server;
-    T = max(max_k c_k, S).
+    T = max(max_k c_k, S). `compute_factor` scales the compute terms (CALIBRATION_STEP_FACTOR: a step IWI rides on).
     """
     config = getattr(config, "config", config)
     dims = Dims.of(config)
     fb, hf = block_flops(dims, batch_size, seq_len), head_flops(dims, batch_size, seq_len)
     transfer = 2 * smashed_bytes(config, batch_size, seq_len, dtype)
-    client = [s * fb / f + transfer / b for s, f, b in zip(split_points, speeds, bandwidths)]
-    server = sum((dims.n_layers - s) * fb + hf for s in split_points) / server_speed
+    client = [compute_factor * s * fb / f + transfer / b for s, f, b in zip(split_points, speeds, bandwidths)]
+    server = compute_factor * sum((dims.n_layers - s) * fb + hf for s in split_points) / server_speed
     return {"step": max(max(client), server), "server": server, "clients": client}
 
 
@@ -207,8 +210,9 @@ def step_latency(config, split_points, speeds, bandwidths, server_speed: float, 
 
 @dataclass(frozen=True)
 class RoundCosts:
-    """What a round costs besides its local steps: the steps' count and the calibrations due in it. ARMSC
-    minimises local_steps x T(s) + calibrations x T(s) + the slowest client's aggregation traffic / b_k."""
+    """What a round costs besides its local steps: the steps' count and the calibrations due in it (each rides on
+    one of the steps). ARMSC minimises (local_steps - calibrations) x T(s) + calibrations x T_cal(s) + the slowest
+    client's aggregation traffic / b_k, T_cal being T with the compute scaled by CALIBRATION_STEP_FACTOR."""
     local_steps: int
     calibrations: float = 0.0
     server_rank: int = 16  # the rank of the server's shared copy where it joins an aggregation
@@ -235,12 +239,15 @@ def aggregation_bytes(matrices, device_ranks: list[dict[str, int]], splits: list
 
 def round_seconds(config, clients, splits, device_ranks, speeds, server_speed, batch_size, seq_len, p,
                   costs: RoundCosts, matrices=None) -> float:
-    """The time of one round as the clock charges it: (local steps + calibrations) x the step latency T(s), plus
-    the slowest client's aggregation traffic over its bandwidth."""
-    step = step_latency(config, splits, speeds, [c.bandwidth for c in clients], server_speed, batch_size, seq_len,
-                        p)["step"]
+    """The time of one round as the clock charges it: its plain steps at the step latency T(s), its calibrating
+    steps at T_cal(s), plus the slowest client's aggregation traffic over its bandwidth."""
+    bandwidths = [c.bandwidth for c in clients]
+    step = step_latency(config, splits, speeds, bandwidths, server_speed, batch_size, seq_len, p)["step"]
+    calibrating = step_latency(config, splits, speeds, bandwidths, server_speed, batch_size, seq_len, p,
+                               CALIBRATION_STEP_FACTOR)["step"] if costs.calibrations else 0.0
     traffic = aggregation_bytes(matrices or candidate_matrices(config), device_ranks, splits, costs.server_rank)
-    return (costs.local_steps + costs.calibrations) * step + max(b / c.bandwidth for b, c in zip(traffic, clients))
+    return (costs.local_steps - costs.calibrations) * step + costs.calibrations * calibrating + \
+        max(b / c.bandwidth for b, c in zip(traffic, clients))
 
 
 # ---- resources ----------------------------------------------------------------------------------

@@ -74,16 +74,17 @@ class _Run:
         self.cfg, self.name, self.splits, self.out = cfg, name, splits, out
         self.method = get_method(name)
         self.model, self.tok = load_model(cfg.model, device=cfg.device)
+        sim = cfg.resolved(self.model.config)  # a testbed's speeds made explicit
         _seed_everything(cfg.seed)
         self.events = cfg.events_in_bytes(self.model.config)
         parts = partition(list(splits.train["mr"]), cfg.num_clients, cfg.partition, cfg.seed, cfg.dirichlet_alpha,
                           cfg.partition_attribute)
-        speeds = cfg.speeds or [None] * cfg.num_clients
-        clients = [Client(n, ClientSpec(n, b, speeds[k], cfg.bandwidth), parts[k])
+        speeds = sim.speeds or [None] * cfg.num_clients
+        clients = [Client(n, ClientSpec(n, b, speeds[k], sim.bandwidth), parts[k])
                    for k, (n, b) in enumerate(zip(cfg.client_names(), cfg.budget_bytes(self.model.config)))]
         train = E2EDataset(splits.train, self.tok, cfg.seq_len)
         self.val_batches = list(loader(E2EDataset(splits.val, self.tok, cfg.seq_len), self.tok, cfg.batch_size))
-        self.fed = federation(self.model, self.tok, self.method, clients, train, cfg, cfg.device, transport, on_lost)
+        self.fed = federation(self.model, self.tok, self.method, clients, train, sim, cfg.device, transport, on_lost)
 
     @property
     def checkpoint(self) -> Path | None:
@@ -104,7 +105,13 @@ class _Run:
             row[f"rank_{c.name}"] = sum(c.ranks.values())
         return row
 
-    def run(self, rows: list[dict], client_rows: list[dict], on_round) -> None:
+    def _reconfigurations(self, table: list[dict]) -> None:
+        """This method's reconfigurations so far (they live in the server's state, so a resume keeps them)."""
+        table[:] = [x for x in table if x["method"] != self.name] + \
+            [{"method": self.name, **x} for x in getattr(self.fed, "reconfigurations", [])]
+
+    def run(self, rows: list[dict], client_rows: list[dict], on_round, reconfigurations: list | None = None) -> None:
+        reconfigurations = [] if reconfigurations is None else reconfigurations
         start = 1
         ckpt = self.checkpoint
         if ckpt is not None and ckpt.is_file():
@@ -116,6 +123,7 @@ class _Run:
         else:
             self.fed.start()
             rows.append(self._row(0, None, {}, {}))
+        self._reconfigurations(reconfigurations)
         for r in range(start, self.cfg.rounds + 1):
             info = self.fed.begin_round(r, self.events) if self.method.federated else {}
             rec = self.fed.run_round(r, info.get("weights_down", {}))
@@ -124,6 +132,7 @@ class _Run:
             row = self._row(r, rec["train_loss"], rec["bytes"], info)
             finite(self.fed, row["val_ppl"], "the validation perplexity", step=0)  # before it becomes a checkpoint
             rows.append(row)
+            self._reconfigurations(reconfigurations)
             client_rows += [{"method": self.name, "round": r, "client": c.name, "present": c.present,
                              "split_point": c.split_point, "total_rank": sum(c.ranks.values()), **rec["bytes"][c.name]}
                             for c in self.fed.clients]
@@ -176,15 +185,18 @@ def run_experiment(config: ExperimentConfig, methods=None, out_dir=None, progres
     folder = RunFolder(out_dir, cfg) if out_dir is not None else None
     if folder is not None:
         folder.check()
-    rows, client_rows, metrics = folder.read() if folder is not None else ([], [], [])
+    rows, client_rows, metrics, reconfs = folder.read() if folder is not None else ([], [], [], [])
     done = {m["method"] for m in metrics if cfg.final_metrics or isinstance(m.get("note"), str)} | \
         ({r["method"] for r in rows if r["round"] == cfg.rounds} if not cfg.final_metrics else set())
     rows = [r for r in rows if r["method"] in done]
     client_rows = [r for r in client_rows if r["method"] in done]
+    reconfs = [r for r in reconfs if r["method"] in done]
     splits = load_splits(cfg)
     todo = [m for m in cfg.methods if m not in done]
     bar = tqdm(total=len(todo) * cfg.rounds, desc="rounds", disable=not progress)
-    write = folder.write if folder is not None else (lambda *tables: None)
+    def write(*tables):
+        if folder is not None:
+            folder.write(*tables, reconfs)
 
     def round_done(method, row):
         bar.update(1)
@@ -199,7 +211,7 @@ def run_experiment(config: ExperimentConfig, methods=None, out_dir=None, progres
         if folder is not None and not folder.recorded:
             folder.record()  # training starts: from here on the folder holds this setting
         try:
-            run.run(rows, client_rows, round_done)
+            run.run(rows, client_rows, round_done, reconfs)
         except NoClientFits as exc:  # a result, not a failure: this method cannot train at these budgets
             metrics.append({"method": name, "note": str(exc)})
             bar.update(cfg.rounds)
@@ -212,7 +224,7 @@ def run_experiment(config: ExperimentConfig, methods=None, out_dir=None, progres
             run.checkpoint.unlink()
         del run
     bar.close()
-    return _finish(folder, rows, client_rows, metrics, figures)
+    return _finish(folder, rows, client_rows, metrics, figures, reconfs)
 
 
 def rescore(out_dir) -> pd.DataFrame:
@@ -230,7 +242,7 @@ def rescore(out_dir) -> pd.DataFrame:
     return run_experiment(cfg, methods=done, out_dir=out, progress=False)
 
 
-def _finish(folder: RunFolder | None, rows, client_rows, metrics, figures: bool = True) -> pd.DataFrame:
+def _finish(folder: RunFolder | None, rows, client_rows, metrics, figures: bool = True, reconfs=()) -> pd.DataFrame:
     """The results table with the final evaluation joined to each method's last round; figures when saved."""
     df = pd.DataFrame(rows)
     if metrics and not df.empty:
@@ -240,11 +252,12 @@ def _finish(folder: RunFolder | None, rows, client_rows, metrics, figures: bool 
         df = df.merge(scores, on="method", how="left")
         df.loc[~last.values, [c for c in scores.columns if c != "method"]] = float("nan")
         if folder is not None:
-            folder.write(df.to_dict("records"), client_rows, metrics)
+            folder.write(df.to_dict("records"), client_rows, metrics, reconfs)
     if folder is not None and not df.empty and figures:
         save_figures(df, folder.path)
     df.attrs["metrics"] = pd.DataFrame(metrics)
     df.attrs["clients"] = pd.DataFrame(client_rows)
+    df.attrs["reconfigurations"] = pd.DataFrame(list(reconfs))
     return df
 
 

@@ -8,8 +8,10 @@ from __future__ import annotations
 import contextlib
 
 import torch
+from peft.tuners.lora import LoraLayer
 
 from .adapters import base_weight, candidate_matrices
+from .architectures import architecture
 from .split import split_model, unwrap
 
 
@@ -42,6 +44,45 @@ def scoring(model, names):
             yield weights
     finally:
         model.train(was_training)
+
+
+@contextlib.contextmanager
+def riding(model, matrices, live_inputs=()):
+    """RNGWP of `matrices` formed in the backward of the step run inside, on that step's batch: a forward hook
+    keeps each frozen base layer's input x, a hook on its output forms G = g_out^T x when the backward reaches it
+    and reduces it to the score at once (G is never stored). `live_inputs` (a client's embedding modules) make
+    the first hidden state require grad, so the backward also reaches blocks before the first adapter; no
+    adapter's gradient changes. Yields {matrix: score}, filled during the backward; the hooks go on exit."""
+    hf = unwrap(model)
+    transposed = architecture(hf).weights_transposed
+    scores: dict[str, float] = {}
+    handles = []
+
+    def keep(m, weight):
+        def on_forward(module, inputs, output):
+            if not torch.is_grad_enabled() or not output.requires_grad:
+                return
+            x = inputs[0].detach()
+
+            def on_backward(g):
+                x2, g2 = x.reshape(-1, x.shape[-1]).float(), g.reshape(-1, g.shape[-1]).float()
+                scores[m.name] = _score(weight.float(), x2.T @ g2 if transposed else g2.T @ x2, m.rank1_cost)
+            output.register_hook(on_backward)
+        return on_forward
+
+    def live(module, inputs, output):
+        return None if output.requires_grad else output.detach().requires_grad_(True)
+
+    try:
+        for m in matrices:
+            module = hf.get_submodule(m.name)
+            base = module.get_base_layer() if isinstance(module, LoraLayer) else module
+            handles.append(base.register_forward_hook(keep(m, base_weight(model, m.name))))
+        handles += [mod.register_forward_hook(live) for mod in live_inputs]
+        yield scores
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def side_matrices(config, split_point: int | None, side: str) -> list:
@@ -139,6 +180,11 @@ class ImportanceTracker:
         self.t += 1
         return record
 
+    @property
+    def ready(self) -> bool:
+        """Whether a calibration has been folded in (before it, ARMSC plans with uniform importance)."""
+        return self.ibar is not None
+
     def importance(self) -> dict[str, float]:
         """Ibar per matrix (what ARMSC ranks by)."""
         self._need_data()
@@ -161,6 +207,11 @@ class ImportanceTracker:
         if self._g_config is None:
             raise RuntimeError("no configuration recorded yet: call configured() after planning")
         return float((self._g() - self._g_config).abs().sum())
+
+    @property
+    def has_configuration(self) -> bool:
+        """Whether a configuration planned from importance has been recorded (`configured`)."""
+        return self._g_config is not None
 
     def configured(self, budgets: dict | None = None, present=None) -> None:
         """Record the state a (re)configuration was planned from."""

@@ -120,6 +120,8 @@ def _budget_order_ranks(x: PlanInputs, splits) -> list[dict[str, int]]:
 
 
 ARMSC_SPLIT = SplitPolicy("armsc", federated=True, splits=True, reconfigures=True, choose=_armsc_splits)
+# the split-1 control: ARMSC's ranks and IWI, every client at split point 1 (separates the split choice)
+SPLIT_ONE = SplitPolicy("split-1", federated=True, splits=True, reconfigures=True, choose=lambda x: [1] * len(x.specs))
 WEAKEST_SPLIT = SplitPolicy("weakest", federated=True, splits=True, reconfigures=True, choose=_weakest_split)
 NO_SPLIT = SplitPolicy("none", federated=True, splits=False, reconfigures=False,
                        choose=lambda x: [x.n_blocks] * len(x.specs))
@@ -127,6 +129,8 @@ CENTRAL = SplitPolicy("central", federated=False, splits=False, reconfigures=Fal
 
 ARMSC_RANKS = RankPolicy("armsc", choose=_armsc_ranks, server=_armsc_server_ranks)
 UNIFORM_RANKS = RankPolicy("weakest", choose=_uniform_ranks, server=_uniform_server_ranks)
+# the no-ARMSC ablation: uniform device ranks at the weakest client's level, the server's own set as HSplitLoRA's
+UNIFORM_DEVICE_RANKS = RankPolicy("weakest-device", choose=_uniform_ranks, server=_armsc_server_ranks)
 BUDGET_ORDER_RANKS = RankPolicy("budget-order", choose=_budget_order_ranks)
 MAX_RANKS = RankPolicy("max")
 FULL_FINE_TUNING = RankPolicy("full", adapters=False, step_flops_factor=1.5)
@@ -170,10 +174,12 @@ METHODS = {m.name: m for m in [
     Method("ft", CENTRAL, FULL_FINE_TUNING, aggregator=None, description="Full fine-tuning on pooled data (reference)"),
     Method("hsplitlora-no-iwi", ARMSC_SPLIT, ARMSC_RANKS, server=_S, description="ablation: uniform importance"),
     # without ARMSC nothing consumes importance, so no calibrations are spent
-    Method("hsplitlora-no-armsc", WEAKEST_SPLIT, UNIFORM_RANKS, server=_S,
-           description="ablation: weakest client's split and rank for everyone"),
+    Method("hsplitlora-no-armsc", WEAKEST_SPLIT, UNIFORM_DEVICE_RANKS, server=_S,
+           description="ablation: weakest client's split and rank on every device; the server's set from its budget"),
     Method("hsplitlora-no-naa", ARMSC_SPLIT, ARMSC_RANKS, iwi=True, aggregator=_A["zeropad"], server=_S,
            description="ablation: zero-pad and average A and B instead of NAA"),
+    Method("hsplitlora-split-1", SPLIT_ONE, ARMSC_RANKS, iwi=True, server=_S,
+           description="control: HSplitLoRA with every client at split point 1"),
     Method("hsplitlora-per-client-server", ARMSC_SPLIT, ARMSC_RANKS, iwi=True, server=PER_CLIENT_SERVER,
            description="ablation: one server-side adapter copy per client, averaged by NAA (SFL-V1)"),
     Method("flora", NO_SPLIT, BUDGET_ORDER_RANKS, aggregator=_A["flora"], description="FLoRA: stacking, no split"),
@@ -183,6 +189,7 @@ METHODS = {m.name: m for m in [
 
 PAPER_METHODS = ["hsplitlora", "splitlora", "hetlora", "cenlora", "ft"]
 ABLATIONS = ["hsplitlora-no-iwi", "hsplitlora-no-armsc", "hsplitlora-no-naa", "hsplitlora-per-client-server"]
+CONTROLS = ["hsplitlora-split-1"]
 EXTRAS = ["hetlora-strict", "flora", "flexlora"]
 
 

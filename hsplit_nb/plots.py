@@ -7,6 +7,20 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 
+# One colour per method, the same in every figure of the package (tab10 wrapped: two methods shared blue).
+METHOD_COLORS = {
+    "hsplitlora": "#1f77b4", "splitlora": "#ff7f0e", "hetlora": "#2ca02c", "hetlora-strict": "#98df8a",
+    "cenlora": "#d62728", "ft": "#9467bd", "hsplitlora-no-iwi": "#8c564b", "hsplitlora-no-armsc": "#e377c2",
+    "hsplitlora-no-naa": "#7f7f7f", "hsplitlora-split-1": "#bcbd22", "hsplitlora-per-client-server": "#17becf",
+    "flora": "#ffbb78", "flexlora": "#c5b0d5",
+}
+
+
+def method_color(name: str) -> str:
+    """The method's colour (black for a name outside the method table)."""
+    return METHOD_COLORS.get(name, "#000000")
+
+
 def _by_method(df: pd.DataFrame):
     for name, part in df.groupby("method", sort=False):
         yield name, part.sort_values("round")
@@ -27,7 +41,7 @@ def _plot_ppl(df: pd.DataFrame, x: str, xlabel: str, title: str, ax=None):
 
     ax = ax or plt.subplots(figsize=(7, 4.5))[1]
     for name, part in _by_method(df):
-        ax.plot(part[x], part["val_ppl"], marker="o", ms=3, label=name)
+        ax.plot(part[x], part["val_ppl"], marker="o", ms=3, label=name, color=method_color(name))
     ax.set(xlabel=xlabel, ylabel="validation perplexity (reference tokens, log scale)", title=title)
     _log_ppl_axis(ax)
     if x == "round":
@@ -177,7 +191,8 @@ def plot_curves_with_spread(curves: pd.DataFrame, setting: str, x: str = "round"
         by = m.groupby("round")
         xs, ppl = by[x].mean(), by["val_ppl"]
         n = m["seed"].nunique()
-        line, = ax.plot(xs, ppl.mean(), marker="o", ms=3, label=f"{name} ({n} seed{'s' if n > 1 else ''})")
+        line, = ax.plot(xs, ppl.mean(), marker="o", ms=3, label=f"{name} ({n} seed{'s' if n > 1 else ''})",
+                        color=method_color(name))
         if n > 1:
             ax.fill_between(xs, ppl.min(), ppl.max(), color=line.get_color(), alpha=0.15)
     _log_ppl_axis(ax)
@@ -215,3 +230,33 @@ def plot_summary_bars(summary: pd.DataFrame, column: str, ylabel: str, ax=None, 
     ax.legend(fontsize=8, title="setting")
     ax.figure.tight_layout()
     return ax.figure
+
+
+# ---- the regime map ------------------------------------------------------------------------------------------
+
+def plot_regime_map(df: pd.DataFrame, budgets: str | None = None):
+    """Where ARMSC offloads and what it saves (rows of `regime.regime_map` for one budget set): per bandwidth, the
+    mean split point HSplitLoRA's plan gives (top) and its round time over SplitLoRA's (bottom, below 1: faster),
+    against the server's speed and the local steps per round."""
+    budgets = budgets or df["budgets"].iloc[0]
+    part = df[(df["budgets"] == budgets) & (df["method"] == "hsplitlora")]
+    bws = sorted(part["bandwidth"].unique())
+    fig, axes = plt.subplots(2, len(bws), figsize=(4.2 * len(bws), 6.4), squeeze=False)
+    for j, bw in enumerate(bws):
+        grid = part[part["bandwidth"] == bw]
+        for i, (col, cmap, fmt, kw) in enumerate((("mean_split", "viridis", "{:.1f}", {"vmin": 1}),
+                                                  ("round_vs_splitlora", "RdBu_r", "{:.2f}", {"vmin": 0.6, "vmax": 1.4}))):
+            table = grid.pivot(index="server_ratio", columns="local_steps", values=col)
+            ax = axes[i, j]
+            im = ax.imshow(table.values, aspect="auto", cmap=cmap, origin="lower", **kw)
+            for (r, c), v in pd.DataFrame(table.values).stack().items():
+                ax.text(c, r, fmt.format(v), ha="center", va="center", fontsize=7,
+                        color="w" if (col == "mean_split" and v < 6) else "k")
+            ax.set_xticks(range(table.shape[1]), table.columns)
+            ax.set_yticks(range(table.shape[0]), [f"{x:g}x" for x in table.index])
+            ax.set(xlabel="local steps per round", ylabel="server speed (x fastest client)",
+                   title=f"{'mean split point' if i == 0 else 'round time / SplitLoRA'}, links {bw:.0e} B/s")
+            fig.colorbar(im, ax=ax, shrink=0.8)
+    fig.suptitle(f"Regime map ({budgets}): where ARMSC offloads blocks, and what it saves per round")
+    fig.tight_layout()
+    return fig

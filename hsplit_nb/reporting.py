@@ -166,6 +166,10 @@ CLAIMS = [
     ("ARMSC helps", "hsplitlora", "hsplitlora-no-armsc", "final_ppl", True),
     ("NAA helps", "hsplitlora", "hsplitlora-no-naa", "final_ppl", True),
     ("the shared main server helps", "hsplitlora", "hsplitlora-per-client-server", "final_ppl", True),
+    # the split choice itself: HSplitLoRA against its control with every client at split point 1
+    ("the split choice helps (lower PPL)", "hsplitlora", "hsplitlora-split-1", "final_ppl", True),
+    *[(f"the split choice helps (faster to {target_name(q)})", "hsplitlora", "hsplitlora-split-1",
+       f"time_to_{target_name(q)}_s", True) for q in TARGET_SHARES],
 ]
 
 

@@ -15,7 +15,7 @@ from .config import ConfigError, ExperimentConfig
 from .data import BUILTIN_DIR, BUILTIN_SPLITS
 from .io import FileFormatError, atomic_write_json, atomic_write_text, read_mapping
 
-RESULT_FILES = ("results.csv", "clients.csv", "metrics.csv")
+RESULT_FILES = ("results.csv", "clients.csv", "metrics.csv", "reconfigurations.csv")
 
 
 class RunFolderError(ValueError):
@@ -102,8 +102,9 @@ class RunFolder:
                                                            "data": self.cfg.data})
         self.recorded = True
 
-    def read(self) -> tuple[list, list, list]:
-        """The rows already written: results, clients, metrics (a file that cannot be read is named)."""
+    def read(self) -> tuple[list, list, list, list]:
+        """The rows already written: results, clients, metrics, reconfigurations (a file that cannot be read is
+        named)."""
         return tuple(self._read(name) for name in RESULT_FILES)
 
     def _read(self, name: str) -> list[dict]:
@@ -115,16 +116,16 @@ class RunFolder:
         except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as exc:
             raise RunFolderError(f"{path} cannot be read as results ({' '.join(str(exc).split())[:200]}); "
                                  "choose another output folder") from None
-        if name != "metrics.csv" and not {"method", "round"} <= set(df.columns):
+        if name in ("results.csv", "clients.csv") and not {"method", "round"} <= set(df.columns):
             raise RunFolderError(f"{path} does not hold results (no 'method' and 'round' columns); "
                                  "choose another output folder")
         if "reasons" in df:  # an empty string reads back as NaN
             df["reasons"] = df["reasons"].astype(object).where(df["reasons"].notna(), "")
         return df.to_dict("records")
 
-    def write(self, rows, client_rows, metrics) -> None:
+    def write(self, rows, client_rows, metrics, reconfigurations=()) -> None:
         """Every result file, atomically (config.json first if training has just started)."""
         if not self.recorded:
             self.record()
-        for name, data in zip(RESULT_FILES, (rows, client_rows, metrics)):
+        for name, data in zip(RESULT_FILES, (rows, client_rows, metrics, list(reconfigurations))):
             atomic_write_text(self.path / name, pd.DataFrame(data).to_csv(index=False))

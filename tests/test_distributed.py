@@ -131,7 +131,10 @@ def test_a_killed_client_leaves_the_server_running_and_is_recorded_as_lost(tmp_p
     _, sim_rows, _ = in_process(cfg, "hsplitlora-no-iwi")
     assert_rows_equal(sim_rows, df, rounds=[0, 1])  # the rounds before the fault are the simulation's
     assert "lost: c1" in rows.loc[2, "reasons"] and rows.loc[2, "present"] == 1 and rows.loc[3, "present"] == 1
-    assert rows.loc[3, "val_ppl"] < rows.loc[1, "val_ppl"]  # c0 kept training
+    # c0 kept training: better than the untrained model (not necessarily than round 1: since a reconfiguration
+    # restarts only what changed, the shared server set keeps learning through c1's loss, and on the tiny model
+    # validation PPL moves by a few percent from round to round)
+    assert rows.loc[3, "val_ppl"] < rows.loc[0, "val_ppl"] and rows.loc[3, "train_loss"] < rows.loc[1, "train_loss"]
     lost = df.attrs["lost"]
     assert list(lost["client"]) == ["c1"] and list(lost["round"]) == [2]
     clients = pd.read_csv(tmp_path / "run" / "clients.csv").set_index(["round", "client"])

@@ -117,3 +117,46 @@ def test_tracker_errors():
         tr.update({"a": -1.0, "b": 1.0})
     with pytest.raises(RuntimeError, match="no calibration yet"):
         tr.global_vector()
+
+
+@pytest.mark.parametrize("only_deep", [False, True], ids=["adapters-everywhere", "no-adapter-on-the-device"])
+def test_a_calibration_riding_on_a_step_scores_as_a_separate_one_and_leaves_the_update_alone(family, only_deep):
+    """RNGWP formed by hooks in an ordinary split step's backward equals the separate calibration on the same
+    batch (1e-6), and the step's adapter update equals a plain step's (1e-6), also when the device side has no
+    adapter at all (the backward must still reach it)."""
+    from hsplit_nb.importance import riding, side_matrices
+    from hsplit_nb.split import split_model, split_step
+
+    model, tok = tiny_model(family)
+    split = 2
+    pm = add_adapters(model, {m.name: 2 for m in candidate_matrices(model) if not only_deep or m.layer >= split})
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(n)))
+    pm.train()
+    batch = padded_batch(tok)
+    expected = rngwp_scores(pm, batch, split_point=split)
+    start = {n: p.detach().clone() for n, p in pm.named_parameters()}
+
+    def step(calibrate: bool):
+        with torch.no_grad():
+            for n, p in pm.named_parameters():
+                p.copy_(start[n])
+        client, server = split_model(pm, split)
+        opts = [torch.optim.AdamW(ps, lr=1e-2) if ps else None for ps in
+                ([p for p in part.parameters() if p.requires_grad] for part in (client, server))]
+        cli, srv = (side_matrices(model.config, split, side) for side in ("client", "server"))
+        with riding(pm, cli if calibrate else [], client.embeddings if calibrate else ()) as c, \
+                riding(pm, srv if calibrate else []) as s:
+            split_step(client, server, batch, *opts)
+        return {n: p.detach().clone() for n, p in pm.named_parameters() if p.requires_grad}, {**c, **s}
+
+    plain, none = step(False)
+    ridden, scores = step(True)
+    assert none == {} and set(scores) == set(expected)
+    for n in expected:
+        assert scores[n] == pytest.approx(expected[n], rel=1e-6, abs=1e-12), n
+    for n in plain:
+        torch.testing.assert_close(ridden[n], plain[n], rtol=0, atol=1e-6)
+    assert all(not base_weight(pm, m.name).requires_grad for m in candidate_matrices(model))

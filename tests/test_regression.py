@@ -3,7 +3,8 @@ tests/fixtures/record_quick_regression.py, to 1e-6 (absolute and relative), wall
 
 The fixture was recorded before the redesign of issue 10 (which kept it) and recorded again, on purpose, when
 the main server, the common initialisation, fixed alpha and persistent optimizer state changed behaviour
-(issue 11). A change that must keep behaviour leaves it alone; one that changes behaviour records it again and
+(issue 11), and when IWI came to ride on a training step, a reconfiguration came to restart only what changed
+and the no-ARMSC ablation took HSplitLoRA's server side (issue 23; reconfigurations.csv recorded from then on). A change that must keep behaviour leaves it alone; one that changes behaviour records it again and
 says why in its commit."""
 import sys
 from pathlib import Path
@@ -20,6 +21,7 @@ from record_quick_regression import quick_config  # noqa: E402
 
 RESULTS = pd.read_csv(FIXTURES / "quick_results.csv", keep_default_na=False, na_values=[""])
 CLIENTS = pd.read_csv(FIXTURES / "quick_clients.csv")
+RECONFIGURATIONS = pd.read_csv(FIXTURES / "quick_reconfigurations.csv", keep_default_na=False, na_values=[""])
 RECORDED = sorted(set(RESULTS["method"]))
 
 
@@ -46,6 +48,16 @@ def test_quick_preset_rows_equal_the_recorded_ones(method):
     _same(new[old.columns], old, method)
     clients = df.attrs["clients"].reset_index(drop=True)
     _same(clients, CLIENTS[CLIENTS["method"] == method].reset_index(drop=True), f"{method} clients")
+    old = RECONFIGURATIONS[RECONFIGURATIONS["method"] == method].reset_index(drop=True)
+    new = df.attrs["reconfigurations"]
+    new = new[new["method"] == method].reset_index(drop=True) if len(new) else new
+    assert len(new) == len(old), f"{method} reconfigurations"
+    if len(old):
+        new = new[old.columns].copy()
+        for col in old.columns:  # empty text reads back as NaN
+            if not pd.api.types.is_numeric_dtype(old[col]):
+                new[col], old[col] = new[col].fillna("").astype(str), old[col].fillna("").astype(str)
+        _same(new, old, f"{method} reconfigurations")
 
 
 def test_every_method_is_recorded_or_cannot_train_at_these_budgets():

@@ -37,6 +37,7 @@ class RemoteClient(ClientProxy):
         self.wire, self.rank, self.cfg, self.stream = wire, rank, cfg, stream
         self.record: Client | None = None
         self.lost: str | None = None
+        self.calibrating = False
 
     def bind(self, record: Client) -> "RemoteClient":
         """Serve one method's federation (the process and its link live across methods)."""
@@ -65,7 +66,7 @@ class RemoteClient(ClientProxy):
     @_guarded
     def configure(self, msg: Configure) -> None:
         self._send("configure", split_point=msg.split_point, ranks=msg.ranks, generation=msg.generation,
-                   rebuild=msg.rebuild, folded=msg.folded, folds=[n for n, _, _ in msg.folds], blocks=len(msg.blocks))
+                   rebuild=msg.rebuild, restarts=msg.restarts, folds=[n for n, _, _ in msg.folds], blocks=len(msg.blocks))
         for _, B, A in msg.folds:
             self.wire.send(self.rank, B, "weights_down")
             self.wire.send(self.rank, A, "weights_down")
@@ -87,8 +88,9 @@ class RemoteClient(ClientProxy):
         self._send("round", round=round_)
 
     @_guarded
-    def begin_step(self) -> None:
-        self._send("step")
+    def begin_step(self, calibrate: bool = False) -> None:
+        self.calibrating = calibrate
+        self._send("step", calibrate=calibrate)
 
     @_guarded
     def forward(self):
@@ -96,26 +98,14 @@ class RemoteClient(ClientProxy):
         return tuple(self.wire.recv(self.rank, "smashed_up") for _ in range(3))
 
     @_guarded
-    def backward(self, grad: torch.Tensor) -> None:
+    def backward(self, grad: torch.Tensor) -> torch.Tensor | None:
         self.wire.send(self.rank, grad, "grad_down")
+        return self.wire.recv(self.rank, "calibration_up") if self.calibrating else None
 
     @_guarded
     def unsplit_step(self) -> float:
         next_indices(self.record, self.cfg.batch_size, self.cfg.seed, self.stream)
         return float(self.wire.recv_obj(self.rank))
-
-    @_guarded
-    def begin_calibration(self, split_point: int, calibration: int) -> None:
-        self._send("calibrate", split_point=split_point, calibration=calibration)
-
-    @_guarded
-    def calibration_forward(self):
-        return tuple(self.wire.recv(self.rank, "calibration_up") for _ in range(3))
-
-    @_guarded
-    def calibration_backward(self, grad: torch.Tensor) -> torch.Tensor:
-        self.wire.send(self.rank, grad, "calibration_down")
-        return self.wire.recv(self.rank, "calibration_up")
 
     @_guarded
     def begin_upload(self) -> None:

@@ -20,10 +20,9 @@ MAX_DIMS = 5
 HEADER_LEN = 4 + MAX_DIMS  # magic, kind, dtype, ndim, shape
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.uint8,
           torch.bool]
-# What crosses the cut and the round boundary. The first seven are the simulation's accounting
+# What crosses the cut and the round boundary. The first six are the simulation's accounting
 # (hsplit_nb.federation.ledger.BYTE_KINDS); "control" and "sync" are protocol messages it does not model.
-KINDS = ["smashed_up", "grad_down", "adapter_up", "adapter_down", "weights_down", "calibration_up",
-         "calibration_down", "control", "sync"]
+KINDS = ["smashed_up", "grad_down", "adapter_up", "adapter_down", "weights_down", "calibration_up", "control", "sync"]
 
 
 class PeerLost(RuntimeError):

@@ -88,7 +88,7 @@ class ClientProcess:
         self.round, self.step_in_round = round, 0
         self.client.begin_round(round)
 
-    def op_step(self) -> None:
+    def op_step(self, calibrate: bool = False) -> None:
         self.step_in_round += 1
         if self.kill_at == (self.round, self.step_in_round):
             self.log(f"killing myself (fault injection) in round {self.round}, step {self.step_in_round}")
@@ -96,16 +96,12 @@ class ClientProcess:
         if not self.method.splits:
             self.wire.send_obj(SERVER, self.client.unsplit_step())
             return
+        self.client.begin_step(calibrate)
         for t in self.client.forward():
             self.wire.send(SERVER, t, "smashed_up")
-        self.client.backward(self.wire.recv(SERVER, "grad_down"))  # the graph stays alive until here
-
-    def op_calibrate(self, split_point: int, calibration: int) -> None:
-        self.client.begin_calibration(split_point, calibration)
-        for t in self.client.calibration_forward():
-            self.wire.send(SERVER, t, "calibration_up")
-        scores = self.client.calibration_backward(self.wire.recv(SERVER, "calibration_down"))
-        self.wire.send(SERVER, scores, "calibration_up")
+        scores = self.client.backward(self.wire.recv(SERVER, "grad_down"))  # the graph stays alive until here
+        if calibrate:
+            self.wire.send(SERVER, scores, "calibration_up")
 
     def op_upload(self) -> None:
         self.wire.send_tensors(SERVER, self.client.upload(), "adapter_up")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .boundary import SERVER_ADAPTER
 from .central import CENTRAL_ADAPTER, CentralTraining
-from .clients import Client, calibration_indices, next_indices
+from .clients import Client, next_indices
 from .divergence import Diverged
 from .ledger import BYTE_KINDS, Clock, Ledger
 from .messages import Apply, CatchUp, Configure, Sync
@@ -14,7 +14,7 @@ from .server import MainServer, NoClientFits, in_process
 
 __all__ = ["BYTE_KINDS", "CENTRAL_ADAPTER", "SERVER_ADAPTER", "Apply", "CatchUp", "CentralTraining", "Client",
            "ClientProxy", "Clock", "Configure", "Diverged", "Ledger", "LocalClient", "MainServer", "NoClientFits", "Replica",
-           "Sync", "calibration_indices", "federation", "in_process", "next_indices", "unsplit_step"]
+           "Sync", "federation", "in_process", "next_indices", "unsplit_step"]
 
 
 def federation(model, tokenizer, method, clients, train_dataset, cfg, device="cpu", transport=in_process,

@@ -78,7 +78,7 @@ def _aggregate_matrix(server, m, ledger: Ledger, shared: set[str]) -> None:
         merge(server, m.name, out.merge)
     for a in names:
         server.replica.restart(m.name, a, server.generation)
-        server.forget(a, m.name)
+        server.server_opts.forget(a, m.name)
         server.last_reset[a] = server.generation
     rank_sum = out.merge.rank if out.merge is not None else 0
     for c in server.present:  # a client hosting the layer without an adapter there still merges
@@ -120,27 +120,20 @@ def merge(server, name: str, stacked: Stacked) -> None:
     server.merges.append((name, stacked))
 
 
-def fold_global_deltas(server) -> None:
-    """Merge the global model's deltas into the frozen weights and restart every adapter."""
-    for name, stacked in server.global_deltas.items():
-        merge(server, name, stacked)
-    server.global_deltas = {}
-    server.server_opts = {}
-    for adapter in server.replica.adapters():
-        server.replica.restart_all(adapter, server.generation)
-        server.last_reset[adapter] = server.generation
-
-
-def fold_bytes(server) -> dict[str, int]:
-    """Before a rebuild, non-merging methods fold the global deltas into the frozen weights: each present
-    client downloads the factors of those on its device side."""
-    out = {}
+def fold_changed(server, changed: set[str], before) -> dict[str, int]:
+    """Merge the learned deltas not yet in the frozen weights (non-merging aggregators' global deltas, server-only
+    layers' shared set) of the changed matrices; returns what each present client downloads for them."""
+    folds = {n: st for n, st in server.global_deltas.items() if n in changed}
+    downloads = {}
     for c in server.present:
-        b = sum(st.rank * (st.A.shape[1] + st.B.shape[0]) * 4 for n, st in server.global_deltas.items()
-                if c.hosts(layer_of(n)))
+        b = sum(st.rank * (st.A.shape[1] + st.B.shape[0]) * 4 for n, st in folds.items()
+                if layer_of(n) < before[c.name][0])
         if b:
-            out[c.name] = b
-    return out
+            downloads[c.name] = b
+    for n, st in folds.items():
+        merge(server, n, st)
+        del server.global_deltas[n]
+    return downloads
 
 
 def catch_up_bytes(server, c: Client) -> int:

@@ -1,57 +1,48 @@
-"""IWI on the federation: RNGWP calibrations by the split protocol, one batch per present client.
+"""IWI on the federation: RNGWP calibrations that ride on an ordinary local step.
 
-The server scores its blocks on the smashed data a client sends up and sends the smashed data's gradient
-down; the client scores its own blocks and sends one float64 score per matrix up. The scores, averaged with
-data weights, feed the importance tracker; its trigger marks a reconfiguration for the next boundary.
+Every `iwi_interval` local steps (the first included) the step calibrates: the server scores the blocks it
+runs for each client from that client's own batch, and each client scores its blocks in its own backward and
+sends one float64 score per matrix up. The adapters' update of the step is what it would have been. The
+scores, averaged with data weights, feed the importance tracker; its trigger marks a reconfiguration for the
+next boundary.
 """
 from __future__ import annotations
 
-from ..importance import scoring, server_scores, side_matrices
-from ..split import ServerPart
+import contextlib
+
+from ..importance import riding, side_matrices
 from .clients import Client
 from .divergence import finite
-from .ledger import calibration_bytes
 
 
-def calibrate(server) -> dict[str, int]:
-    """One calibration of every present client, folded into the tracker; returns the bytes each client moved
-    (for the clock)."""
-    if not server.method.splits:
-        raise ValueError(f"method {server.method.name!r}: IWI calibration needs a split")
-    present = server.present
-    for c in present:
-        server.ask(c, "begin_calibration", c.split_point, server.calibrations)
-    total = sum(len(c.indices) for c in present)
-    scores = {m.name: 0.0 for m in server.matrices}
-    moved = {}
-    for c in present:
-        before = sum(server.calibration_ledger.bytes[c.name].values())
-        for n, v in (client_rngwp(server, c) or {}).items():
-            scores[n] += len(c.indices) / total * v
-        moved[c.name] = sum(server.calibration_ledger.bytes[c.name].values()) - before
+def due(server) -> bool:
+    """Whether the local step about to run calibrates."""
+    return server.tracker is not None and server.local_step % server.cfg.iwi_interval == 0
+
+
+def server_side(server, c: Client, calibrate: bool):
+    """The hooks that score client c's server part during its step (nothing when the step does not calibrate)."""
+    if not calibrate:
+        return contextlib.nullcontext({})
+    return riding(server.pm, side_matrices(server.config, c.split_point, "server"))
+
+
+def client_scores(server, c: Client, srv: dict[str, float], values) -> dict[str, float]:
+    """Every matrix's RNGWP on client c's batch: the server's scores and the client's uploaded values."""
+    cli = side_matrices(server.config, c.split_point, "client")
+    scores = {**srv, **{m.name: float(v) for m, v in zip(cli, values.tolist())}}
+    return {m.name: finite(server, scores[m.name], f"the RNGWP score of {m.name}", c) for m in server.matrices}
+
+
+def fold(server, by_client: dict[str, dict[str, float]]) -> None:
+    """One calibration: the clients' scores averaged with data weights, into the tracker; the trigger is read."""
+    if not by_client:
+        return
+    total = sum(len(server.clients_by_name[n].indices) for n in by_client)
+    scores = {m.name: sum(len(server.clients_by_name[n].indices) / total * s[m.name] for n, s in by_client.items())
+              for m in server.matrices}
     server.tracker.update(scores)
     server.calibrations += 1
-    if server.configured_state is not None:
-        server.pending = server.tracker.trigger()  # importance only; resources are checked at the boundary
-    return moved
-
-
-def client_rngwp(server, c: Client) -> dict[str, float] | None:
-    """RNGWP of every matrix on client c's calibration batch (None if the client was lost meanwhile)."""
-    split = c.split_point
-    up = server.ask(c, "calibration_forward")
-    if up is None:
-        return None
-    smashed, mask, labels = (t.to(server.device) for t in up)
-    srv = side_matrices(server.config, split, "server")
-    with server.serving(c), scoring(server.pm, [m.name for m in srv]) as weights:
-        scores, grad = server_scores(ServerPart(server.pm, split), smashed, mask, labels, srv, weights)
-    values = server.ask(c, "calibration_backward", grad)
-    if values is None:
-        return None
-    cli = side_matrices(server.config, split, "client")
-    scores.update({m.name: float(v) for m, v in zip(cli, values.tolist())})
-    up_bytes, down_bytes = calibration_bytes(smashed, mask, labels, grad, len(cli))
-    server.calibration_ledger.add(c.name, "calibration_up", up_bytes)
-    server.calibration_ledger.add(c.name, "calibration_down", down_bytes)
-    return {m.name: finite(server, scores[m.name], f"the RNGWP score of {m.name}", c) for m in server.matrices}
+    if server.configured_state is not None:  # importance only; resources are checked at the boundary
+        server.pending = server.tracker.trigger() if server.tracker.has_configuration else \
+            [f"first importance (calibration {server.calibrations - 1}; the plan so far had uniform importance)"]

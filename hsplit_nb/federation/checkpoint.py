@@ -55,7 +55,7 @@ def server_state(server) -> dict:
         "tracker": None if server.tracker is None else {k: getattr(server.tracker, k) for k in TRACKER_FIELDS},
         "server_optimizers": {k: None if opt is None else opt.state_dict() for k, opt in server.server_opts.items()},
         "client_optimizers": {c.name: server.ask(c, "optimizer_state") for c in server.clients if not c.excluded},
-        "rng": rng_state(),
+        "rng": rng_state(), "reconfigurations": list(server.reconfigurations),
     }
 
 
@@ -75,12 +75,13 @@ def load_server_state(server, state: dict) -> None:
     server.generation, server.last_reset = state["generation"], dict(state["last_reset"])
     server.pending, server.configured_state = state["pending"], state["configured_state"]
     server.sim_time, server.wall_time = state["sim_time"], state["wall_time"]
+    server.reconfigurations = list(state["reconfigurations"])
     if server.tracker is not None and state["tracker"] is not None:
         for k, v in state["tracker"].items():
             setattr(server.tracker, k, v)
-    server.server_opts = {}
+    server.server_opts.clear()
     for key, saved in state["server_optimizers"].items():
-        opt = server.server_opts[key] = server._new_server_optimizer(key)
+        opt = server.server_opts[key] = server.server_opts.new(key)
         if saved is not None:
             opt.load_state_dict(saved)
     load_rng_state(state["rng"])

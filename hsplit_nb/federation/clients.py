@@ -44,7 +44,18 @@ def next_indices(c: Client, batch_size: int, seed: int, stream: int) -> list[int
     return out
 
 
-def calibration_indices(c: Client, batch_size: int, seed: int, stream: int, calibration: int) -> list[int]:
-    """Positions of the client's calibration batch for the given calibration count."""
-    g = np.random.default_rng([seed, stream, 10_000 + calibration])
-    return [int(i) for i in g.choice(len(c.indices), size=min(batch_size, len(c.indices)), replace=False)]
+def apply_events(clients: list[Client], r: int, events) -> list[Client]:
+    """Dropouts and budget changes of round r; returns the clients that came back."""
+    returned = []
+    for c in clients:
+        away = c.excluded or any(e["type"] == "dropout" and e["client"] == c.name and e["start"] <= r <= e["end"]
+                                 for e in events)
+        if c.present and away:
+            c.present = False
+        elif not c.present and not away:
+            c.present = True
+            returned.append(c)
+        for e in events:
+            if e["type"] == "budget" and e["client"] == c.name and e["round"] == r:
+                c.spec = ClientSpec(c.name, e["memory"], c.spec.speed, c.spec.bandwidth)
+    return returned

@@ -8,25 +8,17 @@ slowest client's download.
 """
 from __future__ import annotations
 
-from ..costs import Dims, block_flops, default_server_speed, head_flops
-from ..split import nbytes
+from ..costs import CALIBRATION_STEP_FACTOR, Dims, block_flops, default_server_speed, head_flops
 
-BYTE_KINDS = ("smashed_up", "grad_down", "adapter_up", "adapter_down", "weights_down", "calibration_up",
-              "calibration_down")
+BYTE_KINDS = ("smashed_up", "grad_down", "adapter_up", "adapter_down", "weights_down", "calibration_up")
 
 
 def zero_bytes() -> dict[str, int]:
     return dict.fromkeys(BYTE_KINDS, 0)
 
 
-def calibration_bytes(smashed, mask, labels, grad, n_client_matrices: int) -> tuple[int, int]:
-    """What a split calibration moves for one client: smashed data, mask and labels plus one float64 score
-    per client-side matrix up; the smashed data's gradient down."""
-    return nbytes(smashed, mask, labels) + 8 * n_client_matrices, nbytes(grad)
-
-
 class Ledger:
-    """Bytes per client and kind for one round; calibrations are held until the round collects them."""
+    """Bytes per client and kind for one round."""
 
     def __init__(self, names):
         self.bytes = {n: zero_bytes() for n in names}
@@ -57,16 +49,18 @@ class Clock:
         """One step of a model trained on the server alone (CenLoRA, FT)."""
         return flops_factor * (self.L * self.fb + self.hf) / self._server_speed(clients)
 
-    def step(self, clients, splits: bool, step_bytes: dict[str, int]) -> float:
-        """One parallel local step of the present clients: max(slowest client, server's sequential work)."""
+    def step(self, clients, splits: bool, step_bytes: dict[str, int], calibrates: bool = False) -> float:
+        """One parallel local step of the present clients: max(slowest client, server's sequential work); a step
+        IWI rides on computes CALIBRATION_STEP_FACTOR as much."""
         server_speed = self._server_speed(clients)
+        f = CALIBRATION_STEP_FACTOR if calibrates else 1.0
         times, server = [], 0.0
         for c in clients:
             if not c.present:
                 continue
             if splits:
-                times.append(c.split_point * self.fb / c.spec.flops + step_bytes.get(c.name, 0) / c.spec.bandwidth)
-                server += ((self.L - c.split_point) * self.fb + self.hf) / server_speed
+                times.append(f * c.split_point * self.fb / c.spec.flops + step_bytes.get(c.name, 0) / c.spec.bandwidth)
+                server += f * ((self.L - c.split_point) * self.fb + self.hf) / server_speed
             else:
                 times.append((self.L * self.fb + self.hf) / c.spec.flops)
         return max(max(times), server)

@@ -13,14 +13,15 @@ import torch
 
 @dataclass
 class Configure:
-    """A new plan: the client's split point and device-side ranks. Before a rebuild, non-merging methods fold
-    the global deltas of its old device side (`folds`) and restart; a deeper split brings the frozen weights
-    of the newly hosted blocks (`blocks`)."""
+    """A new plan: the client's split point and device-side ranks. Only what changed restarts: the client's own
+    adapter is rebuilt when its ranks changed (`rebuild`), else the changed matrices restart (`restarts`); the
+    learned deltas of changed matrices its device held are folded into the frozen weights first (`folds`); a
+    deeper split brings the frozen weights of the newly hosted blocks (`blocks`)."""
     split_point: int
     ranks: dict[str, int]
     generation: int
     rebuild: bool
-    folded: bool = False
+    restarts: list[str] = field(default_factory=list)
     folds: list[tuple[str, torch.Tensor, torch.Tensor]] = field(default_factory=list)
     blocks: list[dict[str, torch.Tensor]] = field(default_factory=list)
 

@@ -13,11 +13,11 @@ import contextlib
 
 import torch
 
-from ..adapters import adapter_names, adapter_parameters, base_weight, read_adapter
+from ..adapters import adapter_names, adapter_parameters, base_weight, lora_layer, read_adapter
 from ..aggregation import hetlora_regulariser
-from ..importance import client_scores, scoring, side_matrices
+from ..importance import riding, side_matrices
 from ..split import ClientPart, client_update, unwrap
-from .clients import Client, calibration_indices, next_indices
+from .clients import Client, next_indices
 from .messages import Apply, CatchUp, Configure, Sync
 from .replica import Replica
 
@@ -27,18 +27,24 @@ class ClientProxy:
     lost: str | None = None
 
     def open(self, method: str) -> None: ...
+    def _forget(self, matrices) -> None:
+        """The device optimizer's state of restarted matrices starts afresh; the others' is kept."""
+        if self.opt is None or not matrices:
+            return
+        for n in matrices:
+            layer = lora_layer(self.replica.pm, n, self.name)
+            for p in (layer.lora_A[self.name].weight, layer.lora_B[self.name].weight):
+                self.opt.state.pop(p, None)
+
     def sync(self, msg: Sync) -> None: ...
     def configure(self, msg: Configure) -> None: ...
     def away(self, round_: int) -> None: ...
     def catch_up(self, msg: CatchUp) -> None: ...
     def begin_round(self, round_: int) -> None: ...
-    def begin_step(self) -> None: ...
+    def begin_step(self, calibrate: bool = False) -> None: ...
     def forward(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
-    def backward(self, grad: torch.Tensor) -> None: ...
+    def backward(self, grad: torch.Tensor) -> torch.Tensor | None: ...
     def unsplit_step(self) -> float: ...
-    def begin_calibration(self, split_point: int, calibration: int) -> None: ...
-    def calibration_forward(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
-    def calibration_backward(self, grad: torch.Tensor) -> torch.Tensor: ...
     def begin_upload(self) -> None: ...
     def upload(self) -> dict[str, torch.Tensor]: ...
     def apply(self, msg: Apply) -> None: ...
@@ -76,7 +82,8 @@ class LocalClient(ClientProxy):
         self.stream, self.hetlora_lambda, self.shares_replica = stream, hetlora_lambda, shares_replica
         self.opt = None
         self._graph = None  # the smashed data of the step in flight, with its autograd graph
-        self._calibration: tuple | None = None
+        self._calibrate = False  # the step in flight calibrates (IWI rides on it)
+        self._scores: dict | None = None
         self._scoring = contextlib.ExitStack()
 
     @property
@@ -93,19 +100,30 @@ class LocalClient(ClientProxy):
     # ---- boundary messages (weights and adapters applied only to a replica of the client's own) -------
 
     def configure(self, msg: Configure) -> None:
-        if msg.rebuild or msg.folded:
-            self.opt = None  # a rebuilt or restarted adapter starts with fresh optimizer state
+        if msg.rebuild:
+            self.opt = None  # a rebuilt adapter starts with fresh optimizer state
+        self._forget(msg.restarts)
         if self.shares_replica:
             return
         for n, B, A in msg.folds:
             self.replica.merge(n, (B @ A).to(self.cfg.device))
-        if msg.folded and self.replica.has_adapter(self.name):
-            self.replica.restart_all(self.name, msg.generation)
+        if not msg.rebuild:
+            for n in msg.restarts:
+                self.replica.restart(n, self.name, msg.generation)
         if msg.rebuild:
             self.replica.replace_adapter(self.name, msg.ranks, msg.generation)
         for tensors in msg.blocks:
             self.replica.load_block_tensors(tensors)
         self.record.split_point, self.record.ranks = msg.split_point, dict(msg.ranks)
+
+    def _forget(self, matrices) -> None:
+        """The device optimizer's state of restarted matrices starts afresh; the others' is kept."""
+        if self.opt is None or not matrices:
+            return
+        for n in matrices:
+            layer = lora_layer(self.replica.pm, n, self.name)
+            for p in (layer.lora_A[self.name].weight, layer.lora_B[self.name].weight):
+                self.opt.state.pop(p, None)
 
     def sync(self, msg: Sync) -> None:
         if not self.shares_replica:
@@ -160,46 +178,39 @@ class LocalClient(ClientProxy):
     def _next_batch(self) -> dict:
         return self._batch(next_indices(self.record, self.cfg.batch_size, self.cfg.seed, self.stream))
 
+    def begin_step(self, calibrate: bool = False) -> None:
+        """A local step begins; with `calibrate`, its backward also scores the device side (RNGWP)."""
+        self._calibrate = calibrate
+
     def forward(self):
-        """The device part's forward on the next mini-batch; the graph stays until `backward`."""
+        """The device part's forward on the next mini-batch; the graph stays until `backward`. In a calibrating
+        step, hooks on the device side's frozen layers keep their inputs for the backward."""
         batch = self._next_batch()
+        part = ClientPart(self.replica.pm, self.record.split_point)
+        self._scores = None
+        if self._calibrate:
+            self._cli = side_matrices(unwrap(self.replica.pm).config, self.record.split_point, "client")
+            self._scores = self._scoring.enter_context(riding(self.replica.pm, self._cli, part.embeddings))
         with self._own():
-            self._graph = ClientPart(self.replica.pm, self.record.split_point)(batch["input_ids"],
-                                                                                batch["attention_mask"])
+            self._graph = part(batch["input_ids"], batch["attention_mask"])
         return self._graph.detach(), batch["attention_mask"], batch["labels"]
 
-    def backward(self, grad: torch.Tensor) -> None:
+    def backward(self, grad: torch.Tensor) -> torch.Tensor | None:
+        """Backward from the smashed data's gradient and the device optimizer's step; in a calibrating step, the
+        device side's RNGWP scores (float64, one per device-side matrix), else None."""
         smashed, self._graph = self._graph, None
-        client_update(smashed, grad.to(smashed.device), self.opt)
+        try:
+            client_update(smashed, grad.to(smashed.device), self.opt)
+        finally:
+            self._scoring.close()
+        if self._scores is None:
+            return None
+        return torch.tensor([self._scores[m.name] for m in self._cli], dtype=torch.float64)
 
     def unsplit_step(self) -> float:
         batch = self._next_batch()
         with self._own():
             return unsplit_step(self.replica.pm, batch, self.opt, self.hetlora_lambda, self.cfg.gamma, self.name)
-
-    # ---- IWI calibration ---------------------------------------------------------------------------
-
-    def begin_calibration(self, split_point: int, calibration: int) -> None:
-        self._calibration = (split_point, calibration)
-
-    def calibration_forward(self):
-        split, calibration = self._calibration
-        batch = self._batch(calibration_indices(self.record, self.cfg.batch_size, self.cfg.seed, self.stream,
-                                                calibration))
-        cli = side_matrices(unwrap(self.replica.pm).config, split, "client")
-        weights = self._scoring.enter_context(scoring(self.replica.pm, [m.name for m in cli]))
-        with self._own():
-            smashed = ClientPart(self.replica.pm, split)(batch["input_ids"], batch["attention_mask"])
-        self._graph = (smashed, cli, weights)
-        return smashed.detach(), batch["attention_mask"], batch["labels"]
-
-    def calibration_backward(self, grad: torch.Tensor) -> torch.Tensor:
-        (smashed, cli, weights), self._graph = self._graph, None
-        try:
-            scores = client_scores(smashed, grad.to(smashed.device), cli, weights)
-        finally:
-            self._scoring.close()
-        return torch.tensor([scores[m.name] for m in cli], dtype=torch.float64)
 
     # ---- aggregation -------------------------------------------------------------------------------
 

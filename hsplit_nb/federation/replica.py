@@ -13,7 +13,8 @@ import torch
 from peft.tuners.lora import LoraLayer
 
 from ..adapters import (
-    adapter_names, add_adapters, base_weight, layer_of, merge_delta, read_adapter, restart_adapter, restart_seed,
+    adapter_names, add_adapters, base_weight, layer_of, lora_layer, merge_delta, read_adapter, restart_adapter,
+    restart_seed,
     write_adapter,
 )
 from ..architectures import block_list
@@ -33,6 +34,12 @@ class Replica:
 
     def adapters(self) -> list[str]:
         return list(self.pm.peft_config) if unwrap(self.pm) is not self.pm else []
+
+    def ranks(self, adapter: str) -> dict[str, int]:
+        """The rank of every matrix carrying `adapter` (empty when there is no such adapter)."""
+        if not self.has_adapter(adapter):
+            return {}
+        return {n: lora_layer(self.pm, n, adapter).r[adapter] for n in adapter_names(self.pm, adapter)}
 
     def replace_adapter(self, name: str, ranks: dict[str, int], generation: int) -> bool:
         """Drop adapter `name` and, if any rank is positive, build it afresh at `generation`; True if built."""

@@ -13,19 +13,19 @@ import sys
 import time
 
 import numpy as np
-import torch
 
-from ..adapters import adapter_names, adapter_parameters, candidate_matrices, layer_of, lora_layer
-from ..costs import ClientSpec, Dims, dtype_bytes
+from ..adapters import adapter_names, candidate_matrices, layer_of, read_adapter, write_adapter
+from ..costs import Dims, dtype_bytes
 from ..data import Collator
 from ..importance import ImportanceTracker, resource_changes
 from ..methods import Method, PlanInputs
 from ..planner import RoundCosts, whole_model_bytes
 from ..split import ServerPart, nbytes, num_blocks, server_update, unwrap
-from . import boundary, calibration, checkpoint
-from .clients import Client
+from . import boundary, calibration, checkpoint, reconfiguration
+from .clients import Client, apply_events
 from .ledger import Clock, Ledger
 from .messages import Configure
+from .optimizers import ServerOptimizers
 from .boundary import SERVER_ADAPTER
 from .divergence import finite
 from .proxy import ClientProxy, LocalClient
@@ -70,11 +70,11 @@ class MainServer:
         self.missed: set[str] = set()  # clients that were away for an aggregation
         self.last_reset: dict[str, int] = {}  # adapter -> generation of its last restart
         self.merges: list = []  # (matrix, Stacked) merged at the current boundary, for the clients' messages
-        self.calibration_ledger = Ledger([c.name for c in clients])
+        self.reconfigurations: list[dict] = []  # rows of reconfigurations.csv
         self.round = self.step_in_round = 0
         self.notes: list[str] = []
         self.lost: dict[str, str] = {}
-        self.server_opts: dict = {}  # adapter -> AdamW over its server-side parameters, kept across rounds
+        self.server_opts = ServerOptimizers(self.replica, self.lr, self._server_layers)
         self.clients_by_name = {c.name: c for c in clients}
         self.on_lost, self.on_step = on_lost, None
         self.proxies = transport(self)
@@ -144,16 +144,11 @@ class MainServer:
     # ---- set-up and (re)configuration ----------------------------------------------------------------
 
     def start(self) -> None:
-        """Initial calibration (IWI) and configuration, before the first round."""
+        """The first configuration, before the first round: with uniform importance, since IWI's first
+        calibration rides on the first local step (its plan takes effect at the first boundary)."""
         self._open()
         if self.method.strict_memory:
             self._exclude_clients_that_cannot_hold_the_model()
-        if self.tracker is not None:
-            if self.method.splits:  # at the split ARMSC picks without importance; RNGWP does not depend on it
-                provisional = self._plan(uniform=True)
-                for c in self.present:
-                    c.split_point = provisional[c.name][0]
-            self.sim_time += self.clock.step(self.clients, self.method.splits, self.calibrate())  # charged too
         self.configure(initial=True)
 
     def _exclude_clients_that_cannot_hold_the_model(self) -> None:
@@ -169,12 +164,12 @@ class MainServer:
                                f"{max(c.spec.memory for c in self.clients) / 1e6:.3f} MB; the budget each "
                                f"client needs at its rank, with the headroom: {', '.join(needs)})")
 
-    def _plan_inputs(self, uniform: bool = False) -> PlanInputs:
+    def _plan_inputs(self) -> PlanInputs:
         present, cfg = self.present, self.cfg
         fixed = None if cfg.split_points is None else [cfg.split_points[self.clients.index(c)] for c in present]
         return PlanInputs(self.config, [c.spec for c in present], [c.spec for c in self.clients], self.levels,
                           cfg.batch_size, cfg.seq_len, self.p, cfg.headroom, cfg.server_speed,
-                          None if uniform or self.tracker is None else self.tracker.importance(), fixed, self.L,
+                          self.tracker.importance() if self.tracker is not None and self.tracker.ready else None, fixed, self.L,
                           cfg.server_adapter_budget, self._round_costs())
 
     def _round_costs(self) -> RoundCosts:
@@ -185,92 +180,106 @@ class MainServer:
         return RoundCosts(self.cfg.local_steps, calibrations,
                           self.cfg.top_rank if self.method.server.shared else 0)
 
-    def _plan(self, uniform: bool = False) -> dict[str, tuple[int, dict[str, int]]]:
-        """Split point and ranks per present client, by the method's policies (`uniform`: ignore IWI)."""
-        x = self._plan_inputs(uniform)
+    def _plan(self) -> dict[str, tuple[int, dict[str, int]]]:
+        """Split point and ranks per present client, by the method's policies (importance once IWI has it)."""
+        x = self._plan_inputs()
         splits = self.method.split.choose(x)
         ranks = self.method.server.planned(x, splits, self.method.ranks.choose(x, splits), self.method.ranks)
         return {c.name: (s, r) for c, s, r in zip(self.present, splits, ranks)}
 
-    def _build_shared_server_adapter(self) -> None:
-        """The main server's one set on every layer some present client's server part contains, at the ranks
-        the method's rank policy gives it from the server's budget."""
+    def _planned_shared_ranks(self) -> dict[str, int]:
+        """The shared set's ranks on every layer some present client's server part contains, as the method's rank
+        policy gives them from the server's budget (none for the per-client variant)."""
+        if not self.method.server.shared:
+            return {}
         s = min(c.split_point for c in self.present)
         server_side = [m for m in self.matrices if m.layer >= s]
-        ranks = self.method.ranks.server(self._plan_inputs(), [c.ranks for c in self.present], server_side)
-        self._replace_adapter(SERVER_ADAPTER, ranks)
+        return self.method.ranks.server(self._plan_inputs(), [c.ranks for c in self.present], server_side)
 
     def _state_for_trigger(self):
         return {c.name: c.spec.memory for c in self.clients}, {c.name for c in self.present}
 
-    def configure(self, initial: bool = False) -> dict[str, int]:
-        """(Re)plan split points and ranks, rebuild the adapters that changed and tell each client. Returns,
-        per client, the bytes of weights it downloads: the blocks it newly hosts and, for non-merging
-        aggregators, the global deltas of its device-side matrices folded in before the rebuild."""
+    def _own(self, split_point: int, ranks: dict[str, int]) -> dict[str, int]:
+        return {n: r for n, r in self.method.server.client_ranks(ranks, split_point).items() if r > 0}
+
+    def configure(self, initial: bool = False, cause: str = "start") -> dict[str, int]:
+        """(Re)plan split points and ranks and restart only what changed (`reconfiguration`); tell each client.
+        Returns, per client, the bytes of weights it downloads: the blocks it newly hosts and, for non-merging
+        aggregators, the global deltas of its device-side matrices folded in before a restart."""
         self.generation += 1
         self.merges = []
-        downloads = {}
+        present = self.present
         before = {c.name: (c.split_point, dict(c.ranks)) for c in self.clients}
-        if not initial and self.global_deltas:
-            downloads = boundary.fold_bytes(self)
-            boundary.fold_global_deltas(self)  # persistent adapters: merge what they learned before rebuilding
         new = self._plan()
-        for c in self.present:
-            s, ranks = new[c.name]
-            if not initial and s > c.split_point and self.method.splits:
-                downloads[c.name] = downloads.get(c.name, 0) + (s - c.split_point) * self.dims.block_params * self.p
-            changed = initial or (s, ranks) != (c.split_point, c.ranks)
-            c.split_point, c.ranks = s, ranks
-            if changed:
-                self._replace_adapter(c.name, self.method.server.client_ranks(c.ranks, c.split_point))
-        if self.method.server.shared:
-            self._build_shared_server_adapter()
-        budgets, present = self._state_for_trigger()
-        if self.tracker is not None:
-            self.tracker.configured(budgets, present)
-        self.configured_state = (budgets, present)
+        server_before = self.replica.ranks(SERVER_ADAPTER)
+        shift = self.tracker.shift() if self.tracker is not None and self.tracker.has_configuration else None
+        for c in present:
+            c.split_point, c.ranks = new[c.name]
+        server_after = self._planned_shared_ranks()
+        own_before = {c.name: (before[c.name][0], self._own(*before[c.name])) for c in present}
+        own_after = {c.name: (c.split_point, self._own(c.split_point, c.ranks)) for c in present}
+        change = reconfiguration.plan_change([m.name for m in self.matrices], own_before, own_after, server_before, server_after,
+                             initial)
+        downloads = {} if initial else boundary.fold_changed(self, change.matrices, before)
+        for c in present:
+            s0 = before[c.name][0]
+            if not initial and c.split_point > s0 and self.method.splits:
+                downloads[c.name] = downloads.get(c.name, 0) + (c.split_point - s0) * self.dims.block_params * self.p
+        self._restart_clients(change)
+        if self.method.server.shared and (initial or server_after != server_before):
+            self._rebuild_shared(server_after, change.server_kept)
+        else:  # the same matrices at the same ranks: the set stays, only its changed matrices restart in place
+            for n in change.server_restarted:
+                self.replica.restart(n, SERVER_ADAPTER, self.generation)
+                self.server_opts.forget(SERVER_ADAPTER, n)
+        budgets, present_names = self._state_for_trigger()
+        if self.tracker is not None and self.tracker.ready:
+            self.tracker.configured(budgets, present_names)
+        self.configured_state = (budgets, present_names)
         self.pending = []
-        for c in self.present:
-            self.ask(c, "configure", self._configure_message(c, before[c.name], initial))
+        self.reconfigurations += reconfiguration.record(self.round, cause, shift, own_before, own_after,
+                                                        server_before, server_after, change)
+        for c in present:
+            self.ask(c, "configure", self._configure_message(c, before[c.name], initial, change))
         return downloads
 
-    def _configure_message(self, c: Client, before, initial: bool) -> Configure:
+    def _restart_clients(self, change) -> None:
+        """Rebuild the clients' own adapters whose ranks changed; restart the changed matrices of the others."""
+        for c in self.clients:
+            if c.name in change.rebuilt:
+                self._replace_adapter(c.name, self.method.server.client_ranks(c.ranks, c.split_point))
+            elif self.replica.has_adapter(c.name):
+                for n in sorted(change.matrices & set(adapter_names(self.pm, c.name))):
+                    self.replica.restart(n, c.name, self.generation)
+                    self.server_opts.forget(c.name, n)
+
+    def _rebuild_shared(self, ranks: dict[str, int], kept: list[str]) -> None:
+        """Build the shared set at `ranks`; the `kept` matrices keep their factors and Adam state."""
+        factors = {n: read_adapter(self.pm, n, SERVER_ADAPTER) for n in kept}
+        moments = self.server_opts.moments(SERVER_ADAPTER, kept)
+        self._replace_adapter(SERVER_ADAPTER, ranks)
+        for n, f in factors.items():
+            write_adapter(self.pm, n, f.A, f.B, SERVER_ADAPTER)
+        self.server_opts.restore(SERVER_ADAPTER, moments)
+
+    def _configure_message(self, c: Client, before, initial: bool, change) -> Configure:
         old = before[0]
         grown = range(old, c.split_point) if not initial and self.method.splits and c.split_point > old else []
         folds = [(n, st.B, st.A) for n, st in self.merges if layer_of(n) < old]
-        return Configure(c.split_point, self.device_ranks(c), self.generation,
-                         rebuild=initial or before != (c.split_point, c.ranks), folded=bool(self.merges),
+        rebuild = initial or c.name in change.rebuilt
+        restarts = [] if rebuild else sorted(n for n in change.matrices if c.hosts(layer_of(n))
+                                             and self.device_ranks(c).get(n, 0))
+        return Configure(c.split_point, self.device_ranks(c), self.generation, rebuild=rebuild, restarts=restarts,
                          folds=folds, blocks=[self.replica.block_tensors(layer) for layer in grown])
+
+    def _server_layers(self, adapter: str):
+        """The blocks of an adapter the server trains: all of the shared set, a client's own copy past its split."""
+        return None if adapter == SERVER_ADAPTER else range(self.clients_by_name[adapter].split_point, self.L)
 
     def _replace_adapter(self, name: str, ranks: dict[str, int]) -> None:
         self.server_opts.pop(name, None)
         if self.replica.replace_adapter(name, ranks, self.generation):
             self.last_reset[name] = self.generation
-
-    # ---- the server's optimizers: kept across rounds, forgotten where adapters restart -----------------
-
-    def server_optimizer(self, c: Client):
-        """AdamW over the server-side adapters client c trains: the shared set's, or its own copy's."""
-        key = SERVER_ADAPTER if self.method.server.shared else c.name
-        if key not in self.server_opts:
-            self.server_opts[key] = self._new_server_optimizer(key)
-        return self.server_opts[key]
-
-    def _new_server_optimizer(self, key: str):
-        if not self.replica.has_adapter(key):
-            return None
-        layers = None if key == SERVER_ADAPTER else range(self.clients_by_name[key].split_point, self.L)
-        params = adapter_parameters(self.pm, key, layers)
-        return torch.optim.AdamW(params, lr=self.lr) if params else None
-
-    def forget(self, adapter: str, matrix: str) -> None:
-        """Adapter `adapter` restarted on `matrix`: its server-side optimizer state there starts afresh."""
-        opt = self.server_opts.get(adapter)
-        if opt is not None and layer_of(matrix) in (range(self.L) if adapter == SERVER_ADAPTER
-                                                    else range(self.clients_by_name[adapter].split_point, self.L)):
-            layer = lora_layer(self.pm, matrix, adapter)
-            for p in (layer.lora_A[adapter].weight, layer.lora_B[adapter].weight):
-                opt.state.pop(p, None)
 
     # ---- round boundary: events and reconfiguration ------------------------------------------------
 
@@ -279,7 +288,7 @@ class MainServer:
         the last round, a budget changed, or a client left or returned. Returns the reasons and, per
         client, the bytes of weights it downloads (newly hosted layers, or what it missed while away)."""
         self.round = r
-        returned = self._apply_events(r, events)
+        returned = apply_events(self.clients, r, events)
         if not self.present:
             lost = "; lost: " + "; ".join(f"{k} ({v})" for k, v in self.lost.items()) if self.lost else ""
             raise RuntimeError(f"round {r}: every client is away; the federation cannot train{lost}")
@@ -294,7 +303,7 @@ class MainServer:
             reasons += resource_changes(*self.configured_state, *self._state_for_trigger())
         reconfigure = bool(reasons) and self.method.split.reconfigures
         if reconfigure:
-            for name, b in self.configure().items():
+            for name, b in self.configure(cause="; ".join(reasons)).items():
                 downloads[name] = downloads.get(name, 0) + b
         elif reasons and self.configured_state is not None:
             self.configured_state = self._state_for_trigger()
@@ -303,22 +312,6 @@ class MainServer:
             if not c.present:
                 self.ask(c, "away", r)  # keeps a client process's waits short
         return {"reasons": reasons, "reconfigured": reconfigure, "weights_down": downloads}
-
-    def _apply_events(self, r: int, events) -> list[Client]:
-        """Dropouts and budget changes of round r; returns the clients that came back."""
-        returned = []
-        for c in self.clients:
-            away = c.excluded or any(e["type"] == "dropout" and e["client"] == c.name and e["start"] <= r <= e["end"]
-                                     for e in events)
-            if c.present and away:
-                c.present = False
-            elif not c.present and not away:
-                c.present = True
-                returned.append(c)
-            for e in events:
-                if e["type"] == "budget" and e["client"] == c.name and e["round"] == r:
-                    c.spec = ClientSpec(c.name, e["memory"], c.spec.speed, c.spec.bandwidth)
-        return returned
 
     # ---- one round ----------------------------------------------------------------------------------
 
@@ -335,15 +328,10 @@ class MainServer:
             self.ask(c, "begin_round", r)
         self.pm.train()
         for _ in range(self.cfg.local_steps):
-            if self.tracker is not None and self.local_step > 0 and self.local_step % self.cfg.iwi_interval == 0:
-                sim += self.clock.step(self.clients, self.method.splits, self.calibrate())
-                self.pm.train()
-            sim += self.clock.step(self.clients, self.method.splits, self._local_step(ledger, losses))
+            calibrates = calibration.due(self)
+            sim += self.clock.step(self.clients, self.method.splits, self._local_step(ledger, losses, calibrates),
+                                   calibrates)
             self.local_step += 1
-        for name, kinds in self.calibration_ledger.bytes.items():
-            for kind, v in kinds.items():
-                ledger.add(name, kind, v)
-        self.calibration_ledger = Ledger([c.name for c in self.clients])
         sim += boundary.aggregate(self, ledger)
         self.missed |= {c.name for c in self.clients if not c.present}
         self.sim_time += sim
@@ -351,16 +339,17 @@ class MainServer:
         notes, self.notes = self.notes, []
         return {"round": r, "train_loss": float(np.mean(losses)), "bytes": ledger.bytes, "reasons": notes}
 
-    def _local_step(self, ledger: Ledger, losses: list) -> dict[str, int]:
+    def _local_step(self, ledger: Ledger, losses: list, calibrates: bool = False) -> dict[str, int]:
         """One local step of every present client, served in `serve_order`; returns the bytes each moved. The
-        server's optimizer steps after each client's batch (one shared set: once per client)."""
+        server's optimizer steps after each client's batch (one shared set: once per client). IWI rides on the
+        step when `calibrates`."""
         present = self.serve_order()
         self.step_in_round += 1
         if self.on_step is not None:
             self.on_step(self.round, self.step_in_round)
         for c in present:
-            self.ask(c, "begin_step")
-        step_bytes = {}
+            self.ask(c, "begin_step", calibrates)
+        step_bytes, scores = {}, {}
         for c in present:
             if not self.method.splits:
                 loss = self.ask(c, "unsplit_step")
@@ -368,24 +357,34 @@ class MainServer:
                     losses.append(finite(self, float(loss), "the training loss", c))
                     step_bytes[c.name] = 0
                 continue
-            up = self.ask(c, "forward")
-            if up is None:
-                continue
-            smashed, mask, labels = (t.to(self.device) for t in up)
-            with self.serving(c):
-                loss, grad = server_update(ServerPart(self.pm, c.split_point), smashed, mask, labels,
-                                           self.server_optimizer(c))
-            losses.append(finite(self, loss.item(), "the training loss", c))
-            self.ask(c, "backward", grad)
-            b = {"smashed_up": nbytes(smashed, mask, labels), "grad_down": nbytes(grad)}
+            b = self._split_step(c, losses, calibrates, scores)
             for kind, v in b.items():
                 ledger.add(c.name, kind, v)
             step_bytes[c.name] = sum(b.values())
+        if calibrates:
+            calibration.fold(self, scores)
         return step_bytes
+
+    def _split_step(self, c: Client, losses: list, calibrates: bool, scores: dict) -> dict[str, int]:
+        """Client c's turn in a local step: its smashed data up, the server's stage, the gradient down (and, in a
+        calibrating step, both sides' RNGWP into `scores`); returns the bytes by kind."""
+        up = self.ask(c, "forward")
+        if up is None:
+            return {}
+        smashed, mask, labels = (t.to(self.device) for t in up)
+        with self.serving(c), calibration.server_side(self, c, calibrates) as srv:
+            loss, grad = server_update(ServerPart(self.pm, c.split_point), smashed, mask, labels,
+                                       self.server_opts.of(SERVER_ADAPTER if self.method.server.shared else c.name))
+        losses.append(finite(self, loss.item(), "the training loss", c))
+        values = self.ask(c, "backward", grad)
+        b = {"smashed_up": nbytes(smashed, mask, labels), "grad_down": nbytes(grad)}
+        if calibrates and values is not None:
+            scores[c.name] = calibration.client_scores(self, c, srv, values)
+            b["calibration_up"] = nbytes(values)
+        return b
 
     # ---- IWI, evaluation, bookkeeping, checkpoints ----------------------------------------------------
 
-    calibrate = calibration.calibrate
     global_model = boundary.global_model
     evaluate_ppl = boundary.evaluate_ppl
     trainable_params = boundary.trainable_params
