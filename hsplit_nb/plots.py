@@ -131,6 +131,27 @@ def architecture_diagram(split_points: list[int], n_blocks: int, budgets=None):
     return fig
 
 
+def plot_plans(plans: pd.DataFrame, n_blocks: int):
+    """Each method's plan before training (`quickstart.initial_plans`): per client, the blocks on its device (the
+    method's colour) and on the main server (grey), with the sum of its device ranks."""
+    methods = list(dict.fromkeys(plans["method"]))
+    fig, axes = plt.subplots(1, len(methods), figsize=(5.5 * len(methods), 0.9 + 0.45 * plans["client"].nunique()),
+                             squeeze=False)
+    for ax, name in zip(axes[0], methods):
+        part = plans[plans["method"] == name].reset_index(drop=True)
+        ax.barh(part.index, part["split_point"], color=method_color(name), label="device")
+        ax.barh(part.index, n_blocks - part["split_point"], left=part["split_point"], color="0.85", label="main server")
+        for i, row in part.iterrows():
+            ax.text(row["split_point"] + 0.3, i, f"rank sum {row['device_rank_sum']}", va="center", fontsize=8)
+        ax.set_yticks(part.index, [f"{c} ({b / 2**20:.0f} MiB)" for c, b in zip(part["client"], part["budget_bytes"])])
+        ax.invert_yaxis()
+        splits = "/".join(str(s) for s in part["split_point"])
+        ax.set(xlim=(0, n_blocks), xlabel="blocks", title=f"{name}: split points {splits}")
+    axes[0][0].legend(fontsize=8, loc="upper right")
+    fig.tight_layout()
+    return fig
+
+
 def plot_client_trajectories(clients: pd.DataFrame):
     """Each client's split point and total rank per round (gaps: rounds it was away)."""
     from matplotlib.ticker import MaxNLocator
@@ -244,14 +265,15 @@ def plot_regime_map(df: pd.DataFrame, budgets: str | None = None):
     fig, axes = plt.subplots(2, len(bws), figsize=(4.2 * len(bws), 6.4), squeeze=False)
     for j, bw in enumerate(bws):
         grid = part[part["bandwidth"] == bw]
-        for i, (col, cmap, fmt, kw) in enumerate((("mean_split", "viridis", "{:.1f}", {"vmin": 1}),
-                                                  ("round_vs_splitlora", "RdBu_r", "{:.2f}", {"vmin": 0.6, "vmax": 1.4}))):
+        panels = (("mean_split", "viridis", "{:.1f}", {"vmin": 1}),
+                  ("round_vs_splitlora", "RdBu_r", "{:.2f}", {"vmin": 0.6, "vmax": 1.4}))
+        for i, (col, cmap, fmt, kw) in enumerate(panels):
             table = grid.pivot(index="server_ratio", columns="local_steps", values=col)
             ax = axes[i, j]
             im = ax.imshow(table.values, aspect="auto", cmap=cmap, origin="lower", **kw)
             for (r, c), v in pd.DataFrame(table.values).stack().items():
-                ax.text(c, r, fmt.format(v), ha="center", va="center", fontsize=7,
-                        color="w" if (col == "mean_split" and v < 6) else "k")
+                dark = v < 6 if col == "mean_split" else v > 1.3
+                ax.text(c, r, fmt.format(v), ha="center", va="center", fontsize=7, color="w" if dark else "k")
             ax.set_xticks(range(table.shape[1]), table.columns)
             ax.set_yticks(range(table.shape[0]), [f"{x:g}x" for x in table.index])
             ax.set(xlabel="local steps per round", ylabel="server speed (x fastest client)",

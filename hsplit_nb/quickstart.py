@@ -95,18 +95,45 @@ def run_split_lora(cfg: QuickstartConfig, out_dir=None, progress: bool = True) -
     return {**summary, "steps": steps}
 
 
-def quickstart_config(quick: bool, setting: str = "b-binding", seed: int = 0, **overrides):
-    """Notebook 00's federation: `setting` of the comparison preset (comparison_quick in quick mode), shortened to
-    1 round (quick) or 2, 8 or 32 validation examples, no generation. Overrides of None keep these defaults."""
+QUICKSTART_PRESETS = {True: ("comparison_quick",), False: ("comparison_edge", "comparison")}
+QUICKSTART_SETTING = {True: "b-binding", False: "edge-b"}
+
+
+def quickstart_config(quick: bool, setting: str | None = None, seed: int = 0, **overrides):
+    """Notebook 00's federation: a setting of the comparison presets (full mode: the edge comparison's `edge-b`,
+    where ARMSC gives the clients different split points, or a setting of the recorded comparison; quick mode:
+    comparison_quick's `b-binding`), shortened to 1 round (quick) or 2 rounds of 5 local steps, 8 or 32
+    validation examples, no generation. Overrides of None keep these defaults."""
     from .comparison import ComparisonConfig
     from .config import _bad
 
-    ccfg = ComparisonConfig.preset("comparison_quick" if quick else "comparison")
-    if setting not in ccfg.settings:
-        _bad("setting", setting, f"one of {', '.join(ccfg.settings)}")
-    short = {"rounds": 1 if quick else 2, "val_examples": 8 if quick else 32}
+    setting = setting or QUICKSTART_SETTING[quick]
+    presets = [ComparisonConfig.preset(name) for name in QUICKSTART_PRESETS[quick]]
+    ccfg = next((c for c in presets if setting in c.settings), None)
+    if ccfg is None:
+        _bad("setting", setting, f"one of {', '.join(s for c in presets for s in c.settings)}")
+    short = {"rounds": 1, "val_examples": 8} if quick else {"rounds": 2, "local_steps": 5, "val_examples": 32}
     chosen = {k: v for k, v in overrides.items() if v is not None}
     return ccfg.experiment(setting, "hsplitlora", seed).replace(**{**short, **chosen, "final_metrics": False})
+
+
+def initial_plans(cfg, methods=("hsplitlora", "splitlora")) -> pd.DataFrame:
+    """Each split method's configuration before its first round, without training: per method and client, the
+    budget, the split point, the adapters on the device and the sum of their ranks. `attrs["n_blocks"]`: the depth."""
+    from .experiment import _Run, load_splits
+
+    splits, rows = load_splits(cfg), []
+    for name in methods:
+        run = _Run(cfg.replace(methods=[name]), name, splits, None)
+        run.fed.start()
+        for c in run.fed.clients:
+            device = run.fed.device_ranks(c)
+            rows.append({"method": name, "client": c.name, "budget_bytes": c.spec.memory, "split_point": c.split_point,
+                         "device_adapters": len(device), "device_rank_sum": sum(device.values())})
+        n_blocks = run.fed.L
+    frame = pd.DataFrame(rows)
+    frame.attrs["n_blocks"] = n_blocks
+    return frame
 
 
 def run_quickstart(cfg, methods, out_dir) -> pd.DataFrame:
@@ -115,22 +142,3 @@ def run_quickstart(cfg, methods, out_dir) -> pd.DataFrame:
     from .experiment import run_experiment
 
     return run_experiment(cfg, methods=list(methods), out_dir=Path(out_dir) / f"run-{cfg.fingerprint()}")
-
-
-def first_plan(df: pd.DataFrame, cfg) -> pd.DataFrame:
-    """HSplitLoRA's configuration before its first round, one row per client: budget, split point, and the sum of
-    the ranks ARMSC planned for it over every matrix (results.csv's rank_c<k>). `attrs["n_blocks"]` is the model's
-    depth, for the architecture diagram."""
-    from .models import model_config
-    from .split import num_blocks
-
-    config = model_config(cfg.model)
-    row = df[(df["method"] == "hsplitlora") & (df["round"] == 0)]
-    if row.empty:
-        raise ValueError("df: no round 0 of hsplitlora; run it first (run_quickstart(cfg, ['hsplitlora'], ...))")
-    row = row.iloc[0]
-    budgets = cfg.budget_bytes(config)
-    plan = pd.DataFrame([{"client": name, "budget_bytes": budgets[k], "split_point": int(row[f"split_c{k}"]),
-                          "planned_rank_sum": int(row[f"rank_c{k}"])} for k, name in enumerate(cfg.client_names())])
-    plan.attrs["n_blocks"] = num_blocks(config)
-    return plan

@@ -32,7 +32,6 @@ def _figure(figsize, ncols: int = 1):
     return fig, fig.subplots(1, ncols)
 
 
-
 def split_costs(config, batch_size: int = 8, seq_len: int = 64, ranks=None, dtype=torch.float32) -> pd.DataFrame:
     """Per split point: bytes crossing the cut per step and predicted client memory (by part)."""
     ranks = ranks if ranks is not None else dict(architecture(config).default_ranks)
@@ -356,5 +355,47 @@ def naa_panel(n_clients: int = 3) -> Panel:
     def render(res):
         ranks = ", ".join(str(controls[f"r{k}"].value) for k in range(n_clients))
         return _views_or_message(res, lambda frame: (frame, plot_aggregation_errors(frame, f"ranks {ranks}")))
+
+    return Panel(controls, compute, render)
+
+
+def plot_regime_point(rows: pd.DataFrame, n_blocks: int):
+    """Both methods' split points at one point of the regime map: each client's device blocks and the server's."""
+    fig, axes = _figure((11, 2.8), ncols=2)
+    for ax, (_, row) in zip(axes, rows.iterrows()):
+        splits = [int(s) for s in row["splits"].split("/")]
+        k = len(splits)
+        ax.barh(range(k), splits, color="tab:blue", alpha=0.8, label="device")
+        ax.barh(range(k), [n_blocks - s for s in splits], left=splits, color="tab:orange", alpha=0.4, label="server")
+        ax.set_yticks(range(k), [f"c{i}" for i in range(k)])
+        ax.invert_yaxis()
+        ax.set(xlim=(0, n_blocks), xlabel="blocks", title=f"{row['method']}: splits {row['splits']}, "
+               f"round {row['round_s']:.2f} s")
+    axes[0].legend(fontsize=8, loc="lower right")
+    return fig
+
+
+def regime_panel(table: pd.DataFrame, n_blocks: int) -> Panel:
+    """Sliders over a regime map (`regime.regime_map`): both methods' plans and round times at the chosen point."""
+    import ipywidgets as w
+
+    def slider(col, near, label):
+        opts = sorted(table[col].unique().tolist())
+        return w.SelectionSlider(options=opts, value=min(opts, key=lambda v: abs(math.log(v / near))),
+                                 description=label)
+
+    controls = {"budgets": w.Dropdown(options=sorted(table["budgets"].unique()), description="budgets"),
+                "server_ratio": slider("server_ratio", 5, "server x"),
+                "bandwidth": slider("bandwidth", 1e8, "links B/s"),
+                "local_steps": slider("local_steps", 10, "steps/round")}
+
+    def compute(**point):
+        return table[(table[list(point)] == pd.Series(point)).all(axis=1)]
+
+    def render(rows):
+        ratio = rows["round_vs_splitlora"].iloc[0]
+        return [f"HSplitLoRA's round takes {ratio:.2f} of SplitLoRA's ({'faster' if ratio < 1 else 'slower'}); the "
+                f"server runs at {rows['server_flops'].iloc[0]:.3g} FLOP/s", rows.drop(columns=["budgets"]).round(3),
+                plot_regime_point(rows, n_blocks)]
 
     return Panel(controls, compute, render)

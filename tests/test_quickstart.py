@@ -41,25 +41,25 @@ def test_notebook_00s_federation_is_a_setting_of_the_comparison_shortened():
     whole = ComparisonConfig.preset("comparison_quick").experiment("b-binding", "hsplitlora", 1)
     assert cfg.budgets == whole.budgets and cfg.seed == 1 and cfg.local_steps == whole.local_steps
     assert (cfg.rounds, cfg.val_examples, cfg.final_metrics) == (1, 8, False)
-    full = quickstart_config(False, "a-paper", rounds=3)
-    assert full.model == "smollm2-135m" and (full.rounds, full.val_examples) == (3, 32)
+    assert quickstart_config(True) == quickstart_config(True, "b-binding")
+    full = quickstart_config(False, rounds=3)  # the edge comparison's setting, 5-step rounds
+    edge = ComparisonConfig.preset("comparison_edge").experiment("edge-b", "hsplitlora", 0)
+    assert full.model == "smollm2-135m" and (full.rounds, full.local_steps, full.val_examples) == (3, 5, 32)
+    assert full.testbed == "edge" and full.budgets == edge.budgets
+    assert quickstart_config(False, "a-paper").testbed is None  # the recorded comparison's settings stay at hand
     with pytest.raises(ConfigError, match=r"config field 'setting': 'b' is not allowed; one of a-paper, b-binding"):
         quickstart_config(True, "b")
 
 
-def test_first_plan_reads_each_clients_configuration_before_round_one(tmp_path):
-    from hsplit_nb.models import model_config
-    from hsplit_nb.quickstart import first_plan, quickstart_config, run_quickstart
+def test_initial_plans_give_each_split_methods_configuration_before_any_training():
+    """The tiny model in a testbed where the server is slower than the clients: ARMSC spreads the clients over
+    the blocks (richer deeper), SplitLoRA's rule puts everyone at the weakest client's split."""
+    from hsplit_nb.quickstart import initial_plans, quickstart_config
 
-    cfg = quickstart_config(True, "b-binding", local_steps=1, val_examples=4)
-    df = run_quickstart(cfg, ["hsplitlora"], tmp_path)
-    plan = first_plan(df, cfg)
-    r0 = df[(df["method"] == "hsplitlora") & (df["round"] == 0)].iloc[0]
-    assert plan["client"].tolist() == cfg.client_names()
-    assert plan["budget_bytes"].tolist() == cfg.budget_bytes(model_config(cfg.model))
-    assert plan["split_point"].tolist() == [r0[f"split_c{k}"] for k in range(cfg.num_clients)]
-    assert plan["planned_rank_sum"].tolist() == [r0[f"rank_c{k}"] for k in range(cfg.num_clients)]
-    assert plan.attrs["n_blocks"] == model_config(cfg.model).num_hidden_layers
-    assert list(tmp_path.glob("run-*/results.csv"))  # one resumable folder per setting
-    with pytest.raises(ValueError, match="no round 0 of hsplitlora"):
-        first_plan(df[df["method"] != "hsplitlora"], cfg)
+    cfg = quickstart_config(True, "a-paper", server_speed=2e9, speeds=[1e9, 2e9, 3e9])
+    plans = initial_plans(cfg)
+    h, s = (plans[plans["method"] == m] for m in ("hsplitlora", "splitlora"))
+    assert h["client"].tolist() == s["client"].tolist() == cfg.client_names()
+    assert h["split_point"].tolist() == sorted(h["split_point"]) and h["split_point"].nunique() > 1
+    assert s["split_point"].nunique() == 1 and (h["device_adapters"] > 0).all()
+    assert plans.attrs["n_blocks"] == 4 and (plans["budget_bytes"] > 0).all()

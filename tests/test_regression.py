@@ -3,8 +3,9 @@ tests/fixtures/record_quick_regression.py, to 1e-6 (absolute and relative), wall
 
 The fixture was recorded before the redesign of issue 10 (which kept it) and recorded again, on purpose, when
 the main server, the common initialisation, fixed alpha and persistent optimizer state changed behaviour
-(issue 11), and when IWI came to ride on a training step, a reconfiguration came to restart only what changed
-and the no-ARMSC ablation took HSplitLoRA's server side (issue 23; reconfigurations.csv recorded from then on). A change that must keep behaviour leaves it alone; one that changes behaviour records it again and
+(issue 11), and when IWI came to ride on a training step, a reconfiguration came to restart only what
+changed and the no-ARMSC ablation took HSplitLoRA's server side (issue 23; reconfigurations.csv recorded
+from then on). A change that must keep behaviour leaves it alone; one that changes behaviour records it again and
 says why in its commit."""
 import sys
 from pathlib import Path

@@ -46,8 +46,8 @@ def plan_change(names: list[str], before: dict[str, tuple[int, dict[str, int]]],
 
 def _adapters(ranks: dict[str, int], split: int) -> str:
     """Device adapters as a reader scans them: `layer.kind:rank` for every positive rank, by layer."""
-    return " ".join(f"{layer_of(n)}.{n.rsplit('.', 1)[-1].removesuffix('_proj')}:{r}"
-                    for n, r in sorted(ranks.items(), key=lambda x: (layer_of(x[0]), x[0])) if r and layer_of(n) < split)
+    kept = sorted((n for n, r in ranks.items() if r and layer_of(n) < split), key=lambda n: (layer_of(n), n))
+    return " ".join(f"{layer_of(n)}.{n.rsplit('.', 1)[-1].removesuffix('_proj')}:{ranks[n]}" for n in kept)
 
 
 def record(round_: int, cause: str, shift: float | None, before, after, server_before: dict[str, int],

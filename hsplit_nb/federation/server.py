@@ -169,7 +169,8 @@ class MainServer:
         fixed = None if cfg.split_points is None else [cfg.split_points[self.clients.index(c)] for c in present]
         return PlanInputs(self.config, [c.spec for c in present], [c.spec for c in self.clients], self.levels,
                           cfg.batch_size, cfg.seq_len, self.p, cfg.headroom, cfg.server_speed,
-                          self.tracker.importance() if self.tracker is not None and self.tracker.ready else None, fixed, self.L,
+                          self.tracker.importance() if self.tracker is not None and self.tracker.ready else None,
+                          fixed, self.L,
                           cfg.server_adapter_budget, self._round_costs())
 
     def _round_costs(self) -> RoundCosts:
@@ -218,8 +219,8 @@ class MainServer:
         server_after = self._planned_shared_ranks()
         own_before = {c.name: (before[c.name][0], self._own(*before[c.name])) for c in present}
         own_after = {c.name: (c.split_point, self._own(c.split_point, c.ranks)) for c in present}
-        change = reconfiguration.plan_change([m.name for m in self.matrices], own_before, own_after, server_before, server_after,
-                             initial)
+        change = reconfiguration.plan_change([m.name for m in self.matrices], own_before, own_after, server_before,
+                                             server_after, initial)
         downloads = {} if initial else boundary.fold_changed(self, change.matrices, before)
         for c in present:
             s0 = before[c.name][0]
