@@ -381,12 +381,11 @@ def regime_panel(table: pd.DataFrame, n_blocks: int) -> Panel:
 
     def slider(col, near, label):
         opts = sorted(table[col].unique().tolist())
-        return w.SelectionSlider(options=opts, value=min(opts, key=lambda v: abs(math.log(v / near))),
-                                 description=label)
+        value = min(opts, key=lambda v: abs(math.log(v / near)))
+        return w.SelectionSlider(options=opts, value=value, description=label)
 
     controls = {"budgets": w.Dropdown(options=sorted(table["budgets"].unique()), description="budgets"),
-                "server_ratio": slider("server_ratio", 5, "server x"),
-                "bandwidth": slider("bandwidth", 1e8, "links B/s"),
+                "server_ratio": slider("server_ratio", 5, "server x"), "bandwidth": slider("bandwidth", 1e8, "links"),
                 "local_steps": slider("local_steps", 10, "steps/round")}
 
     def compute(**point):

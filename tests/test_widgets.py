@@ -152,3 +152,18 @@ def test_plain_functions(config):
     assert grid.shape == (4, 7) and grid.loc[3, "q"] == 3.0
     assert len(planner_table(config, [1.0, 2.0], batch_size=2, seq_len=16)) == 2
     assert len(aggregation_errors([2, 0, 4], [1, 1, 1])) == 3
+
+
+def test_regime_panel_reads_the_map_at_the_chosen_point():
+    from hsplit_nb.models import model_config
+    from hsplit_nb.regime import regime_map
+    from hsplit_nb.widgets import regime_panel
+
+    table = regime_map(model_config("tiny-llama"), {"quick": [4.5e6, 8e6, 11.5e6]}, server_ratios=(0.5, 5, 1000),
+                       bandwidths=(1e8,), local_steps=(1, 10), seq_len=256, progress=False)
+    panel = regime_panel(table, 4)
+    assert panel.result[["server_ratio", "local_steps"]].drop_duplicates().values.tolist() == [[5, 10]]
+    assert list(panel.result["method"]) == ["hsplitlora", "splitlora"]
+    panel.controls["server_ratio"].value = 0.5
+    assert panel.result["splits"].tolist() == ["1/2/3", "1/1/1"]
+    assert "faster" in panel.shown[0] and len(panel.shown) == 3
