@@ -157,8 +157,9 @@ def _table(path: Path) -> pd.DataFrame:
 
 def _final_metrics(spec: RunSpec, out) -> dict | None:
     """The run's final metrics row (or its note that no client fits), or None while it is unfinished. A finished
-    folder measured with another protocol is refused, naming the fields, so that one report never mixes two."""
-    from .runfolder import config_differences
+    run is a proven one: measured with this protocol on these data files (the fingerprint), its rounds reaching
+    the last, its metrics whole; otherwise it is refused, naming what is wrong, so a report never mixes two."""
+    from .runfolder import RunFolder, config_differences
 
     folder = spec.folder(out)
     metrics = _table(folder / "metrics.csv")
@@ -167,10 +168,34 @@ def _final_metrics(spec: RunSpec, out) -> dict | None:
         return None
     saved = ExperimentConfig.load(folder / "config.json")
     changed = [d for d in config_differences(saved, spec.cfg) if not d.startswith("data:")]
-    if changed:
-        raise RunFolderError(f"{folder} holds a finished run of another protocol ({'; '.join(changed)}); move it "
-                             "away or delete it to run it again")
-    return mine.iloc[0].to_dict()
+    data = RunFolder(folder, spec.cfg).data_differences()
+    for what, diff in (("another protocol", changed), ("other data", data)):
+        if diff:
+            raise RunFolderError(f"{folder} holds a finished run of {what} ({'; '.join(diff)}); move it away or "
+                                 "delete it to run it again")
+    row = mine.iloc[0].to_dict()
+    _check_whole(folder, spec, row)
+    return row
+
+
+def _check_whole(folder: Path, spec: RunSpec, row: dict) -> None:
+    """A finished run's results reach its last round and its metrics are whole (five finite scores over every MR)."""
+    if isinstance(row.get("note"), str):  # no client could train it: a result without rounds
+        return
+    curve = _table(folder / "results.csv")
+    last = curve[curve["method"] == spec.method]["round"].max() if "method" in curve else float("nan")
+    problems = [] if last == spec.cfg.rounds else [f"results.csv stops at round {last} of {spec.cfg.rounds}"]
+    bad = [k for k in METRICS if not isinstance(row.get(k), (int, float)) or row[k] != row[k]]
+    problems += [f"metrics.csv lacks a finite {', '.join(bad)}"] if bad else []
+    try:
+        outputs = json.loads(row.get("outputs"))
+    except (TypeError, ValueError):
+        outputs = None
+    if not isinstance(outputs, list) or not 0 < len(outputs) <= spec.cfg.eval_mrs:
+        problems.append("metrics.csv's outputs do not parse as the run's generated texts")
+    if problems:
+        raise RunFolderError(f"{folder} is not a whole finished run: {'; '.join(problems)}; delete the folder to run "
+                             "it again")
 
 
 def finished(spec: RunSpec, out) -> bool:

@@ -23,7 +23,7 @@ from .costs import ClientSpec
 from .data import E2EDataset, group_references, load_builtin, load_e2e, loader, partition
 from .federation import Client, Diverged, NoClientFits, federation, in_process  # noqa: F401  (Diverged re-exported)
 from .federation.divergence import finite
-from .io import atomic_write_bytes, atomic_write_text
+from .io import FolderLock, atomic_write_bytes, atomic_write_text
 from .methods import get_method
 from .metrics import e2e_metrics, generate
 from .models import load_model
@@ -115,7 +115,7 @@ class _Run:
         start = 1
         ckpt = self.checkpoint
         if ckpt is not None and ckpt.is_file():
-            saved = _read_checkpoint(ckpt, self.name)
+            saved = _read_checkpoint(ckpt, self.name, _setting(self.cfg))
             self.fed.load_state(saved["state"])
             rows += saved["rows"]
             client_rows += saved["client_rows"]
@@ -139,7 +139,8 @@ class _Run:
             if ckpt is not None:
                 mine = [x for x in rows if x["method"] == self.name]
                 mine_c = [x for x in client_rows if x["method"] == self.name]
-                buf = _to_bytes({"round": r, "state": self.fed.state(), "rows": mine, "client_rows": mine_c})
+                buf = _to_bytes({"round": r, "state": self.fed.state(), "rows": mine, "client_rows": mine_c,
+                                 "method": self.name, "fingerprint": _setting(self.cfg)})
                 atomic_write_bytes(ckpt, buf)
             on_round(self.name, row)
 
@@ -152,7 +153,14 @@ class _Run:
                 "outputs": json.dumps(outputs)}
 
 
-def _read_checkpoint(path: Path, method: str) -> dict:
+def _setting(cfg: ExperimentConfig) -> str:
+    """The fingerprint a checkpoint records: the config's, where the data files lie left out (the run folder checks
+    their contents before any checkpoint is read, and the same files under another path resume)."""
+    return cfg.replace(data="builtin").fingerprint()
+
+
+def _read_checkpoint(path: Path, method: str, fingerprint: str) -> dict:
+    """A checkpoint of this method and setting (one written before 2026-12-06 records neither and is taken)."""
     try:
         saved = torch.load(path, weights_only=False)
         if not {"round", "state", "rows", "client_rows"} <= set(saved):
@@ -160,6 +168,10 @@ def _read_checkpoint(path: Path, method: str) -> dict:
     except Exception as exc:  # torch.load raises many kinds on a truncated or foreign file
         raise RunFolderError(f"checkpoint {path} cannot be read ({exc.__class__.__name__}: {str(exc)[:120]}); "
                              f"delete it to start {method} again from round 0") from None
+    for key, want in (("method", method), ("fingerprint", fingerprint)):
+        if saved.get(key, want) != want:
+            raise RunFolderError(f"checkpoint {path} belongs to {key} {saved[key]!r}, not {want!r}; move it away or "
+                                 f"delete it to start {method} again from round 0")
     return saved
 
 
@@ -182,9 +194,17 @@ def run_experiment(config: ExperimentConfig, methods=None, out_dir=None, progres
     """
     cfg = config.replace(methods=list(methods)) if methods is not None else config
     cfg.validate()
-    folder = RunFolder(out_dir, cfg) if out_dir is not None else None
-    if folder is not None:
+    if out_dir is None:
+        return _run_methods(cfg, None, progress, on_round, transport, on_lost, figures)
+    folder = RunFolder(out_dir, cfg)
+    with FolderLock(out_dir):
         folder.check()
+        return _run_methods(cfg, folder, progress, on_round, transport, on_lost, figures)
+
+
+def _run_methods(cfg: ExperimentConfig, folder: RunFolder | None, progress, on_round, transport, on_lost,
+                 figures) -> pd.DataFrame:
+    """run_experiment's loop over the methods not yet finished (the folder locked by the caller)."""
     rows, client_rows, metrics, reconfs = folder.read() if folder is not None else ([], [], [], [])
     done = {m["method"] for m in metrics if cfg.final_metrics or isinstance(m.get("note"), str)} | \
         ({r["method"] for r in rows if r["round"] == cfg.rounds} if not cfg.final_metrics else set())
@@ -194,6 +214,7 @@ def run_experiment(config: ExperimentConfig, methods=None, out_dir=None, progres
     splits = load_splits(cfg)
     todo = [m for m in cfg.methods if m not in done]
     bar = tqdm(total=len(todo) * cfg.rounds, desc="rounds", disable=not progress)
+
     def write(*tables):
         if folder is not None:
             folder.write(*tables, reconfs)

@@ -133,3 +133,44 @@ def read_mapping(path, what: str = "config file") -> dict:
     if not isinstance(data, dict):
         raise FileFormatError(f"{what} {path}: expected a mapping of fields, got {type(data).__name__}")
     return data
+
+
+class FolderLocked(RuntimeError):
+    """Another live process writes into this folder; the message names it."""
+
+
+class FolderLock:
+    """One writer per folder: an exclusive `flock` on `<folder>/.lock`, held while the context is open and released
+    by the kernel when the process ends however it ends (so a lock is never left stale by a killed run). The file
+    keeps the holder's pid and command line for the message a second writer gets."""
+
+    def __init__(self, folder, what: str = "output folder"):
+        self.path, self.what, self._fd = Path(folder) / ".lock", what, None
+
+    def __enter__(self) -> "FolderLock":
+        import fcntl
+        import sys
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 4096).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise FolderLocked(f"{self.what} {self.path.parent} is in use by {holder}; wait for it to end, or stop "
+                               "it, before writing there again") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} ({' '.join(sys.argv)[:300]})".encode())
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._fd is None:
+            return
+        folder = self.path.parent
+        if [p.name for p in folder.iterdir()] == [".lock"]:  # a start that failed leaves nothing behind
+            self.path.unlink()
+            folder.rmdir()
+        os.close(self._fd)  # closing the descriptor releases the lock
+        self._fd = None

@@ -83,6 +83,10 @@ class RunFolder:
         self._methods_before = previous.methods
         self.record()  # training went on here before: the method list grows, the fingerprint is kept current
 
+    def data_differences(self) -> list[str]:
+        """What changed in the data files since the folder recorded them (nothing when it never did)."""
+        return self._data_differences()[0]
+
     def _data_differences(self) -> tuple[list[str], bool]:
         """What changed in the data files, and whether the folder knew their hashes at all."""
         path = self.path / "fingerprint.json"

@@ -319,3 +319,41 @@ def test_quickstart_divergence_writes_no_json(tmp_path):
     atomic_write_json(tmp_path / "m.json", {"ppl": math.nan, "x": [math.inf, 1.0]})
     assert json.loads((tmp_path / "m.json").read_text(), parse_constant=lambda c: pytest.fail(c)) == \
         {"ppl": None, "x": [None, 1.0]}
+
+
+# ---- one writer per folder, and checkpoints that belong to the run (issue 25) -------------------------------
+def test_a_second_writer_is_refused_naming_the_holder_and_a_dead_holders_lock_is_gone(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from hsplit_nb.io import FolderLock, FolderLocked
+
+    cfg = ExperimentConfig(**{**QUICK, "rounds": 1}, methods=["hsplitlora-no-iwi"])
+    with FolderLock(tmp_path / "out"):
+        (tmp_path / "out" / "keep").write_text("")  # a folder in use is not removed when its lock goes
+        with pytest.raises(FolderLocked, match=rf"output folder .*out is in use by pid {os.getpid()} \("):
+            run_experiment(cfg, out_dir=tmp_path / "out", progress=False)
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from hsplit_nb.io import FolderLock; "
+                               f"FolderLock({str(tmp_path / 'held')!r}).__enter__(); print('held', flush=True); "
+                               "time.sleep(600)"], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(FolderLocked, match=rf"in use by pid {holder.pid} "):
+        run_experiment(cfg, out_dir=tmp_path / "held", progress=False)
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    assert run_experiment(cfg, out_dir=tmp_path / "held", progress=False)["round"].max() == 1  # the kernel let go
+    assert not (tmp_path / "held" / ".lock").exists() or (tmp_path / "held" / "results.csv").is_file()
+
+
+def test_a_checkpoint_of_another_method_is_refused(tmp_path):
+    cfg = ExperimentConfig(**QUICK, methods=["hsplitlora-no-iwi"])
+    with pytest.raises(_Stop):
+        run_experiment(cfg, out_dir=tmp_path / "out", progress=False, on_round=_stop_after_round_1)
+    ckpt = tmp_path / "out" / "checkpoints"
+    (ckpt / "hsplitlora-no-iwi.pt").rename(ckpt / "splitlora.pt")
+    with pytest.raises(RunFolderError, match=r"splitlora\.pt belongs to method 'hsplitlora-no-iwi', not 'splitlora'"):
+        run_experiment(cfg, methods=["splitlora"], out_dir=tmp_path / "out", progress=False)
+    assert not (tmp_path / "out" / "results.csv").is_file() or "splitlora" not in \
+        set(pd.read_csv(tmp_path / "out" / "results.csv")["method"])

@@ -343,3 +343,73 @@ def test_workers_claim_each_run_exactly_once(tmp_path):
     assert not bench.claim(runs[0], tmp_path)
     bench.clear_claims(tmp_path)
     assert bench.claim(runs[0], tmp_path)
+
+
+# ---- a finished run is a proven run (issue 25) ------------------------------------------------------------------
+def _damaged(out, tmp_path, damage):
+    """A copy of the finished comparison folder with one run damaged by `damage(folder of a/splitlora/seed0)`."""
+    import shutil
+
+    copy = shutil.copytree(out, tmp_path / "copy")
+    damage(copy / "a" / "splitlora" / "seed0")
+    return copy
+
+
+def _drop_last_round(folder):
+    df = pd.read_csv(folder / "results.csv")
+    df[df["round"] < df["round"].max()].to_csv(folder / "results.csv", index=False)
+
+
+def _blank_cider(folder):
+    df = pd.read_csv(folder / "metrics.csv")
+    df["CIDEr"] = np.nan
+    df.to_csv(folder / "metrics.csv", index=False)
+
+
+def _mangle_outputs(folder):
+    df = pd.read_csv(folder / "metrics.csv")
+    df["outputs"] = '["a generated text", "cut'
+    df.to_csv(folder / "metrics.csv", index=False)
+
+
+def _other_data(folder):
+    fp = json.loads((folder / "fingerprint.json").read_text())
+    fp["data_files"] = {k: "0" * 64 for k in fp["data_files"]}
+    (folder / "fingerprint.json").write_text(json.dumps(fp))
+
+
+FINISHED_BUT_NOT_WHOLE = [
+    ("results lost their last round", _drop_last_round, r"not a whole finished run: results\.csv stops at round 0 of 1"),
+    ("a truncated metrics row (CIDEr NaN)", _blank_cider, r"not a whole finished run: metrics\.csv lacks a finite CIDEr"),
+    ("outputs that do not parse", _mangle_outputs, r"outputs do not parse as the run's generated texts"),
+    ("a finished run on other data", _other_data, r"holds a finished run of other data \(data file builtin/dev\.csv changed"),
+]
+
+
+@pytest.mark.parametrize("damage,match", [c[1:] for c in FINISHED_BUT_NOT_WHOLE], ids=[c[0] for c in FINISHED_BUT_NOT_WHOLE])
+def test_a_finished_run_that_is_not_whole_is_refused_naming_it(ran, tmp_path, damage, match):
+    ccfg, out = ran
+    copy = _damaged(out, tmp_path, damage)
+    with pytest.raises(RunFolderError, match=match):
+        collect(ccfg, copy)
+    collect(ccfg, out)  # the undamaged folder still reads
+
+
+def test_the_report_goes_under_the_comparisons_own_folder_and_nothing_else_changes(ran, tmp_path):
+    """bench/comparison.py --out X writes the report into X; the checkout's bench/results/ is left alone."""
+    import shutil
+    import subprocess
+
+    ccfg, out = ran
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(ccfg.model_dump()))
+    copy = shutil.copytree(out, tmp_path / "x")
+
+    def status():
+        return subprocess.run(["git", "status", "--porcelain", "--untracked-files=all", "--", "bench", "configs"],
+                              cwd=REPO, capture_output=True, text=True, check=True).stdout
+    before = status()
+    _bench().main(["--config", str(config), "--data", "builtin", "--out", str(copy), "--report-only"])
+    assert status() == before
+    assert (copy / "comparison.csv").is_file() and (copy / "comparison.json").is_file()
+    assert len(pd.read_csv(copy / "comparison.csv")) == 4
