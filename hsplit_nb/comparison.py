@@ -54,6 +54,10 @@ class ComparisonConfig(TypedConfig):
         both = set(self.core) & set(self.extras)
         if both:
             _bad("extras", sorted(both), "methods that are not also in core")
+        for field, seeds in [("seeds", self.seeds), ("extra_seeds", self.extra_seeds)] + \
+                [(f"settings.{k}.seeds", v.seeds) for k, v in self.settings.items() if v.seeds]:
+            if len(set(seeds)) != len(seeds):
+                _bad(field, seeds, "distinct seeds (a repeated seed would count one run as two)")
         for name, setting in self.settings.items():
             for m in setting.methods or []:
                 if m not in self.core + self.extras:
@@ -128,6 +132,9 @@ class ComparisonConfig(TypedConfig):
                 if (not settings or setting in settings) and (not methods or method in methods)
                 and (seeds is None or seed in seeds)]
         keys.sort(key=lambda k: k[0])  # stable: within a seed, settings and methods keep their order
+        if not keys:
+            _bad("seeds" if seeds else "methods", seeds or methods, "a selection with at least one run; this one "
+                 f"selects none (seeds {self.seeds}, extras' {self.extra_seeds})")
         return [RunSpec(setting, method, seed, self.experiment(setting, method, seed)) for seed, setting, method in keys]
 
 
@@ -220,6 +227,11 @@ def run_comparison(ccfg: ComparisonConfig, out, settings=None, methods=None, see
         for s in specs:
             s.cfg = s.cfg.replace(data=str(data))
     todo = [s for s in specs if not finished(s, out)]
+    for spec in todo:  # every selected run's budgets and split points against the model, before the first starts
+        try:
+            spec.cfg.validate()
+        except ValueError as exc:
+            raise type(exc)(f"comparison run {spec.setting}/{spec.method}/seed{spec.seed}: {exc}") from None
     for spec in tqdm(todo, desc="runs", disable=not progress):
         folder = spec.folder(out)
         before, start = _elapsed(folder) or 0.0, time.perf_counter()

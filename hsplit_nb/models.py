@@ -6,6 +6,7 @@ import importlib.metadata
 import importlib.util
 import json
 import os
+import sys
 import shutil
 import tempfile
 import urllib.error
@@ -13,6 +14,7 @@ import urllib.request
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -73,8 +75,12 @@ def ensure_smollm2_cache() -> Path:
     loses its quantization_config so the cache loads as an ordinary fp32 checkpoint.
     """
     target = smollm2_cache_path()
-    if (target / "config.json").is_file():
+    if _cache_whole(target):
         return target
+    broken = target.with_name(f".broken-{target.name}-{os.getpid()}")
+    if target.exists():  # half-written or damaged: set aside (a reader that opened it keeps its files), rebuild
+        print(f"[hsplit_nb] the SmolLM2 cache at {target} is incomplete; building it again", file=sys.stderr)
+        os.rename(target, broken)
     from safetensors.torch import save_model
 
     model, tokenizer = _load_smollm2_gguf()
@@ -87,6 +93,8 @@ def ensure_smollm2_cache() -> Path:
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         save_model(model, str(tmp / "model.safetensors"))  # drops the tied lm_head copy
         tokenizer.save_pretrained(tmp)
+        sizes = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
+        (tmp / COMPLETE).write_text(json.dumps({"files": sizes}, indent=2))  # written last: the cache is whole
         try:
             os.rename(tmp, target)
         except OSError:  # another process finished first
@@ -94,7 +102,20 @@ def ensure_smollm2_cache() -> Path:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(broken, ignore_errors=True)
     return target
+
+
+COMPLETE = "complete.json"
+
+
+def _cache_whole(target: Path) -> bool:
+    """The cache is whole when its completion marker is there and every file it lists has the size it recorded."""
+    try:
+        files = json.loads((target / COMPLETE).read_text())["files"]
+        return all((target / name).stat().st_size == size for name, size in files.items())
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 _HUB_STATE: dict[str, bool] = {}
@@ -160,6 +181,9 @@ def load_model(name_or_path: str = SMOLLM2, dtype: torch.dtype = torch.float32, 
                 tokenizer = AutoTokenizer.from_pretrained(source)
         except (OSError, ValueError) as exc:
             raise _unknown_model(name, exc) from exc
+        except SafetensorError as exc:
+            raise ValueError(f"could not load model {name!r}: its weights in {source} are damaged ({exc}); replace "
+                             "the file (for the SmolLM2 cache: delete the folder and it is built again)") from None
         finally:
             hf_logging.enable_progress_bar()
     family_of(model)

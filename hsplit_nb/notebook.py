@@ -59,10 +59,51 @@ class NotebookRun:
         return preset(self.preset, **{k: v for k, v in overrides.items() if v is not None})
 
 
+IPYTHON_NAMES = {"In", "Out", "exit", "quit", "get_ipython", "open"}
+PARAMETER_TYPES = (type(None), bool, int, float, str, list, tuple, dict)
+
+
+def parameter_names(notebook: Path) -> set[str]:
+    """The names the notebook's `parameters` cell assigns."""
+    import ast
+    import json
+
+    cells = json.loads(Path(notebook).read_text())["cells"]
+    source = next("".join(c["source"]) for c in cells if "parameters" in c.get("metadata", {}).get("tags", []))
+    names = set()
+    for node in ast.parse(source).body:
+        for target in getattr(node, "targets", [getattr(node, "target", None)]):
+            names |= {n.id for n in ast.walk(target) if isinstance(n, ast.Name)} if target is not None else set()
+    return names
+
+
+def check_parameters(name: str, namespace: dict, notebook: Path | None = None) -> None:
+    """Refuse a parameter the notebook does not define (papermill's `-p` injects any name and runs the defaults
+    for a misspelt one): every plain value in the namespace when `start` runs must be one of the parameters
+    cell's names. A notebook file that is not at hand is not checked."""
+    from .reproduce import NOTEBOOK_DIR
+
+    notebook = notebook or NOTEBOOK_DIR / f"{name}.ipynb"
+    if not notebook.is_file():
+        return
+    defined = parameter_names(notebook)
+    unknown = sorted(k for k, v in namespace.items() if not k.startswith("_") and k not in IPYTHON_NAMES
+                     and isinstance(v, PARAMETER_TYPES) and k not in defined)
+    if unknown:
+        raise ValueError(f"notebook {name}: {unknown[0]!r} is not one of its parameters; it defines "
+                         f"{', '.join(sorted(defined))}")
+
+
 def start(name: str, quick: bool | None = None, preset: str | None = None, out_dir=None) -> NotebookRun:
     """The header every notebook shares: quick mode (HSPLIT_QUICK=1 unless `quick` says), the preset (`quick` in
-    quick mode, `cpu_scale` otherwise), the output folder, and pandas' display width."""
+    quick mode, `cpu_scale` otherwise), the output folder, and pandas' display width. It first checks the names
+    the notebook's namespace holds against its parameters cell (read from the caller's globals: `start` runs
+    right after the parameters and imports)."""
+    import inspect
+
     import pandas as pd
+
+    check_parameters(name, inspect.currentframe().f_back.f_globals)
 
     pd.set_option("display.width", 160)
     quick = quick_mode() if quick is None else bool(quick)

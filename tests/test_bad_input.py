@@ -357,3 +357,14 @@ def test_a_checkpoint_of_another_method_is_refused(tmp_path):
         run_experiment(cfg, methods=["splitlora"], out_dir=tmp_path / "out", progress=False)
     assert not (tmp_path / "out" / "results.csv").is_file() or "splitlora" not in \
         set(pd.read_csv(tmp_path / "out" / "results.csv")["method"])
+
+
+def test_a_misspelt_notebook_parameter_is_refused_naming_the_defined_ones():
+    """papermill's `-p qiuck 1` injects a name the notebook never reads, which silently ran the defaults."""
+    from hsplit_nb.notebook import check_parameters
+
+    namespace = {"quick": None, "qiuck": 1, "start": print, "In": [], "Out": {}, "_i1": "x"}
+    with pytest.raises(ValueError, match=r"notebook 02_iwi: 'qiuck' is not one of its parameters; it defines "
+                                         r"batch_size, beta_max, calibrate_every, delta, lr, model, out_dir"):
+        check_parameters("02_iwi", namespace)
+    check_parameters("02_iwi", {"quick": 1, "steps": 3, "beta_max": 0.5, "In": [], "start": print})

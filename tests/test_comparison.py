@@ -262,6 +262,18 @@ def test_bad_comparison_configs_are_named():
         _tiny_comparison().runs(settings=["z"])
     with pytest.raises(ConfigError, match=r"config field 'settings.b.methods': 'flexlora' is not allowed; a method of"):
         _tiny_comparison(settings={"a": {}, "b": {"methods": ["flexlora"]}})
+    # issue 25: duplicate seeds, a selection that selects nothing, a setting whose budgets the model cannot hold
+    with pytest.raises(ConfigError, match=r"config field 'seeds': \[0, 0\] is not allowed; distinct seeds"):
+        _tiny_comparison(seeds=[0, 0])
+    with pytest.raises(ConfigError, match=r"config field 'settings.a.seeds': \[1, 1\] is not allowed; distinct"):
+        _tiny_comparison(settings={"a": {"seeds": [1, 1]}})
+    with pytest.raises(ConfigError, match=r"'seeds': \[7\] is not allowed; a selection with at least one run"):
+        _tiny_comparison().runs(seeds=[7])
+    tight = _tiny_comparison(settings={"a": {}, "b": {"overrides": {"budgets": [11.5e6, 11.5e6, 11.5e6]},
+                                                      "methods": ["splitlora"]}})
+    tight.settings["b"].overrides["budgets"] = [2e3, 11.5e6, 11.5e6]  # too small, found before any run starts
+    with pytest.raises(ConfigError, match=r"comparison run b/splitlora/seed0: config field 'budgets\[0\]'"):
+        run_comparison(tight, "/nonexistent/never-written", settings=["b"], progress=False)
 
 
 def test_a_setting_may_run_some_of_the_methods():

@@ -5,7 +5,7 @@ from transformers import BertConfig
 
 from hsplit_nb import models
 from hsplit_nb.adapters import add_adapters, adapter_names, read_adapter, write_adapter
-from hsplit_nb.models import family_of, load_model, tiny_model
+from hsplit_nb.models import family_of, load_model, model_config, tiny_model
 from hsplit_nb.split import split_model
 
 
@@ -67,6 +67,26 @@ def test_smollm2_cache_equals_the_gguf_model(smollm2_gguf, tmp_path, monkeypatch
     for k in ref:
         assert torch.equal(sd[k], ref[k]), k
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+
+
+def test_a_damaged_smollm2_cache_is_built_again_and_damaged_local_weights_are_named(tmp_path, monkeypatch):
+    """A half-written cache (it still passes model_config: config.json is whole) is set aside and rebuilt; damaged
+    weights in a local folder give an error that names the folder, not a library traceback."""
+    monkeypatch.setenv("HSPLIT_CACHE", str(tmp_path / "cache"))
+    path = models.ensure_smollm2_cache()
+    weights = path / "model.safetensors"
+    whole = weights.read_bytes()
+    weights.write_bytes(whole[: len(whole) // 2])
+    assert model_config("smollm2-135m").num_hidden_layers == 30  # the damage does not show in the config
+    assert models.ensure_smollm2_cache() == path and weights.read_bytes() == whole
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name]  # nothing set aside is left behind
+    model, tok = tiny_model("llama")
+    model.save_pretrained(tmp_path / "local")
+    tok.save_pretrained(tmp_path / "local")
+    local = tmp_path / "local" / "model.safetensors"
+    local.write_bytes(local.read_bytes()[:100])
+    with pytest.raises(ValueError, match=r"could not load model '.*local': its weights in .*local are damaged"):
+        load_model(str(tmp_path / "local"))
 
 
 def test_smollm2_split_equals_unsplit(smollm2_gguf):
