@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import traceback
@@ -261,7 +262,7 @@ def main(argv=None) -> int:
     try:
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:
-        print("interrupted; start the same command again to resume", file=sys.stderr)
+        print("interrupted; start the same command again to resume", file=sys.stderr, flush=True)
         return 130
     except Exception as exc:  # noqa: BLE001  (the whole point: one line for any error)
         log = _error_log(args, exc)
@@ -271,5 +272,16 @@ def main(argv=None) -> int:
         return 1
 
 
+def cli() -> None:
+    """The command line's process: an interrupted command ends at once (results are written atomically, so nothing
+    is lost), where a helper thread or child (METEOR's Java) would otherwise keep the interpreter waiting."""
+    code = main()
+    if code == 130:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()

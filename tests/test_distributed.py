@@ -207,3 +207,84 @@ def test_the_command_line_writes_the_same_results_csv_as_the_in_process_runner(t
     for name in ("clients.csv", "metrics.csv"):
         pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "multi" / name), pd.read_csv(tmp_path / "single" / name),
                                       check_exact=False, atol=1e-5, rtol=0)
+
+
+def _descendants(roots) -> set[int]:
+    """Every live process below the given pids (from /proc), the roots included."""
+    parent = {}
+    for stat in os.listdir("/proc"):
+        if stat.isdigit():
+            try:
+                fields = open(f"/proc/{stat}/stat").read().rsplit(")", 1)[1].split()
+                parent[int(stat)] = int(fields[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    found, frontier = set(roots), list(roots)
+    while frontier:
+        p = frontier.pop()
+        kids = [c for c, pp in parent.items() if pp == p and c not in found]
+        found |= set(kids)
+        frontier += kids
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_sigterm_to_the_launcher_ends_every_process_of_the_run(tmp_path):
+    """`python -m hsplit_nb distributed` stopped with SIGTERM mid-run: the launcher ends its agents and their
+    workers (checked by pid), exits with the resume hint, and the same command then resumes and finishes."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from hsplit_nb.distributed.entry import PROGRESS_FILE
+
+    cfg = ExperimentConfig(**{**BASE, "rounds": 3, "local_steps": 2}, methods=["hsplitlora-no-iwi"])
+    cfg.save(tmp_path / "cfg.json")
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "hsplit_nb", "distributed", "--config", str(tmp_path / "cfg.json"), "--out", str(out)]
+    launcher = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not ((out / PROGRESS_FILE).is_file() and (out / PROGRESS_FILE).read_text().strip()):
+        assert time.time() < deadline and launcher.poll() is None, "the run never finished a round"
+        time.sleep(0.5)
+    groups = json.loads((out / "pids.json").read_text())["groups"]
+    run = _descendants(groups)
+    assert len(run) >= 2 * len(groups)  # every agent has its worker
+    launcher.send_signal(signal.SIGTERM)
+    assert launcher.wait(timeout=30) == 130
+    assert "interrupted; start the same command again" in launcher.stderr.read()
+    time.sleep(1)
+    assert [p for p in run if _alive(p)] == []
+    assert subprocess.run(cmd, capture_output=True, timeout=400).returncode == 0  # it resumes and finishes
+    assert pd.read_csv(out / "results.csv")["round"].max() == 3
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"port": 70000}, r"port 70000 is not allowed; a TCP port in 1\.\.65535"),
+    ({"server_threads": -1}, r"server_threads -1 is not allowed; a whole number of threads, at least 1"),
+    ({"client_threads": 0}, r"client_threads 0 is not allowed"),
+])
+def test_launcher_arguments_out_of_range_are_refused_by_name(tmp_path, kw, match):
+    cfg = ExperimentConfig(**BASE, methods=["hsplitlora-no-iwi"])
+    with pytest.raises(ValueError, match=match):
+        launch(cfg, tmp_path / "run", **{**TIMEOUTS, **kw})
+    assert not (tmp_path / "run" / "logs").exists()
+
+
+def test_a_port_in_use_is_refused_before_any_process_starts(tmp_path):
+    import socket
+
+    cfg = ExperimentConfig(**BASE, methods=["hsplitlora-no-iwi"])
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(ValueError, match=rf"port {port} is in use on 127\.0\.0\.1; choose another"):
+            launch(cfg, tmp_path / "run", port=port, **TIMEOUTS)

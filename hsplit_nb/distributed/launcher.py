@@ -4,12 +4,14 @@ several hosts, ports and NCCL."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -17,6 +19,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from ..config import ExperimentConfig
+from ..io import atomic_write_json
 from ..runfolder import RunFolder
 from .entry import DONE_FILE, PROGRESS_FILE, parse_kill
 from .report import wire_bytes
@@ -29,11 +32,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _check(cfg: ExperimentConfig, kill, timeouts: dict) -> None:
+def _check(cfg: ExperimentConfig, kill, timeouts: dict, port=None, threads: dict | None = None) -> None:
     cfg.validate()
     for name, value in timeouts.items():
         if not (isinstance(value, (int, float)) and value > 0):
             raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
+    for name, value in (threads or {}).items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} {value!r} is not allowed; a whole number of threads, at least 1")
+    if port is not None:
+        if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+            raise ValueError(f"port {port!r} is not allowed; a TCP port in 1..65535 (or none: a free one is chosen)")
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                raise ValueError(f"port {port} is in use on 127.0.0.1; choose another, or none: a free one is "
+                                 "chosen") from None
     if kill is not None:
         try:
             who = parse_kill(kill)[0]
@@ -43,8 +58,27 @@ def _check(cfg: ExperimentConfig, kill, timeouts: dict) -> None:
             raise ValueError(f"kill: {who!r} is not a participant; choose server or one of {cfg.client_names()}")
 
 
+@contextlib.contextmanager
+def _ends_on_signals():
+    """SIGTERM and SIGHUP end the launcher as Ctrl-C does, so that its `finally` stops every process of the run
+    (by default they would end the launcher alone and leave its agents training)."""
+    def end(signum, frame):
+        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = {s: signal.signal(s, end) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
+
+
 def _start(cfg_path: Path, out: Path, world: int, port: int, extra: list[str], server_threads, client_threads):
-    """One torchrun agent per participant, each in its own session (so it can be stopped with its children)."""
+    """One torchrun agent per participant, each in its own session (so it can be stopped with its children); their
+    process groups are written to <out>/pids.json (what a check after a stop looks for)."""
     procs = []
     for rank in range(world):
         threads = (server_threads or os.cpu_count()) if rank == SERVER else client_threads
@@ -55,6 +89,7 @@ def _start(cfg_path: Path, out: Path, world: int, port: int, extra: list[str], s
         log = open(out / "logs" / f"rank{rank}.log", "w")
         env = {**os.environ, "OMP_NUM_THREADS": str(threads or 1), "PYTHONUNBUFFERED": "1"}
         procs.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True), log))
+        atomic_write_json(out / "pids.json", {"launcher": os.getpid(), "groups": [p.pid for p, _ in procs]})
     return procs
 
 
@@ -89,7 +124,8 @@ def launch(config, out, methods=None, *, step_timeout: float = 300.0, idle_timeo
     cfg = config if isinstance(config, ExperimentConfig) else ExperimentConfig.load(config)
     if methods is not None:
         cfg = cfg.replace(methods=list(methods))
-    _check(cfg, kill, {"step_timeout": step_timeout, "idle_timeout": idle_timeout, "init_timeout": init_timeout})
+    _check(cfg, kill, {"step_timeout": step_timeout, "idle_timeout": idle_timeout, "init_timeout": init_timeout},
+           port, {"server_threads": server_threads, "client_threads": client_threads})
     RunFolder(out, cfg).check()  # before any process starts: a folder of another setting is refused here
     if str(cfg.model) == "smollm2-135m":
         from ..models import ensure_smollm2_cache
@@ -103,13 +139,14 @@ def launch(config, out, methods=None, *, step_timeout: float = 300.0, idle_timeo
     extra = ["--step-timeout", str(step_timeout), "--idle-timeout", str(idle_timeout), "--init-timeout",
              str(init_timeout)] + (["--kill", kill] if kill else []) + (["--dump-clients"] if dump_clients else [])
     world = cfg.num_clients + 1
-    procs = _start(cfg_path, out, world, port or free_port(), extra, server_threads, client_threads)
     bar = tqdm(total=len(cfg.methods) * cfg.rounds, desc=f"distributed ({world} processes)", disable=not progress)
-    try:
-        _follow(out, procs, bar, timeout)
-    finally:
-        bar.close()
-        _stop(procs)
+    with _ends_on_signals():
+        procs = _start(cfg_path, out, world, port or free_port(), extra, server_threads, client_threads)
+        try:
+            _follow(out, procs, bar, timeout)
+        finally:
+            bar.close()
+            _stop(procs)
     done = json.loads((out / DONE_FILE).read_text())
     if done["status"] != "ok":
         raise RuntimeError(f"the distributed run failed: {done['error']}; log tail:\n{_tail(out / 'logs' / 'rank0.log')}")
