@@ -273,8 +273,17 @@ def main(argv=None) -> int:
 
 
 def cli() -> None:
-    """The command line's process: an interrupted command ends at once (results are written atomically, so nothing
-    is lost), where a helper thread or child (METEOR's Java) would otherwise keep the interpreter waiting."""
+    """The command line's process: SIGTERM and SIGHUP interrupt a command as Ctrl-C does (so its writes clean up
+    their temporary files and a launcher stops its processes), and an interrupted command ends at once (results are
+    written atomically, so nothing is lost), where a helper thread or child (METEOR's Java) would otherwise keep the
+    interpreter waiting."""
+    import signal
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+    for s in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(s, interrupt)
     code = main()
     if code == 130:
         sys.stdout.flush()

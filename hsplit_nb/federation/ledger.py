@@ -63,7 +63,7 @@ class Clock:
                 server += f * ((self.L - c.split_point) * self.fb + self.hf) / server_speed
             else:
                 times.append((self.L * self.fb + self.hf) / c.spec.flops)
-        return max(max(times), server)
+        return max(max(times, default=0.0), server)
 
     @staticmethod
     def transfer(clients, bytes_by_client: dict[str, int]) -> float:

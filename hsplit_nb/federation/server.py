@@ -1,11 +1,10 @@
 """The main server: plans every client's split and ranks, runs the server-side stages, aggregates, keeps
 the clock and the byte ledger, evaluates and checkpoints. It talks to clients only through `ClientProxy`.
 
-In the simulation one frozen base model is shared by the server and every in-process client: each client
-has its own named peft adapter (`c0`, `c1`, ...) on its device side, and the server one shared set (`server`)
-on the layers past the shallowest split, updated after each client's batch in `serve_order`. (The per-client
-variant puts each client's server-side copy inside its own adapter instead.) Device sides are independent
-between aggregations, so the clock charges them parallel time and the server its summed time.
+In the simulation one frozen base model is shared by the server and every in-process client: each client has
+its own peft adapter (`c0`, ...) on its device side, the server one shared set (`server`) past the shallowest
+split, updated after each client's batch in `serve_order` (the per-client variant: a copy inside each client's
+adapter). The clock charges the device sides parallel time and the server its summed time.
 """
 from __future__ import annotations
 
@@ -64,16 +63,14 @@ class MainServer:
         self.touched: set[str] = set()  # matrices whose frozen weight has been merged into
         self.global_deltas = {}  # non-merging aggregators: the global model's deltas (matrix -> Stacked)
         self.calibrations = self.local_step = self.generation = 0  # generation keys adapter restarts
-        self.pending: list[str] = []
-        self.configured_state = None
+        self.pending, self.configured_state = [], None  # the trigger's reasons; what the last plan was made from
         self.sim_time = self.wall_time = 0.0
         self.missed: set[str] = set()  # clients that were away for an aggregation
         self.last_reset: dict[str, int] = {}  # adapter -> generation of its last restart
         self.merges: list = []  # (matrix, Stacked) merged at the current boundary, for the clients' messages
         self.reconfigurations: list[dict] = []  # rows of reconfigurations.csv
         self.round = self.step_in_round = 0
-        self.notes: list[str] = []
-        self.lost: dict[str, str] = {}
+        self.notes, self.lost = [], {}  # what happened during the round; client -> why it was lost
         self.server_opts = ServerOptimizers(self.replica, self.lr, self._server_layers)
         self.clients_by_name = {c.name: c for c in clients}
         self.on_lost, self.on_step = on_lost, None
@@ -197,7 +194,7 @@ class MainServer:
         server_side = [m for m in self.matrices if m.layer >= s]
         return self.method.ranks.server(self._plan_inputs(), [c.ranks for c in self.present], server_side)
 
-    def _state_for_trigger(self):
+    def _state_for_trigger(self):  # what a resource trigger compares: budgets and who is present
         return {c.name: c.spec.memory for c in self.clients}, {c.name for c in self.present}
 
     def _own(self, split_point: int, ranks: dict[str, int]) -> dict[str, int]:
@@ -333,6 +330,10 @@ class MainServer:
             sim += self.clock.step(self.clients, self.method.splits, self._local_step(ledger, losses, calibrates),
                                    calibrates)
             self.local_step += 1
+            if not self.present:
+                lost = "; ".join(f"{k}: {v}" for k, v in self.lost.items())
+                raise RuntimeError(f"round {r}, local step {self.step_in_round}: every client is lost ({lost}); the "
+                                   "federation cannot go on; start the same command again to resume")
         sim += boundary.aggregate(self, ledger)
         self.missed |= {c.name for c in self.clients if not c.present}
         self.sim_time += sim
