@@ -159,7 +159,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     if args.workers < 1:
         ap.error(f"--workers must be at least 1, got {args.workers}")
-    ccfg = ComparisonConfig.load(args.config)
+    ccfg = ComparisonConfig.load(args.config).with_data(args.data)  # finished runs are checked against these files
     out = Path(args.out)
     if args.worker:  # one of the parent's workers: runs until none is left unclaimed; the parent reports last
         run_worker(ccfg, out, args)

@@ -42,7 +42,7 @@ def probe(ccfg: ComparisonConfig, args) -> dict:
     for method in ("hsplitlora", "splitlora"):
         cfg = ccfg.experiment(setting, method, 0).replace(
             rounds=PROBE_STEPS // ccfg.common.get("local_steps", 10), data=args.data, device=args.device,
-            eval_mrs=PROBE_MRS, model=args.model, **({"budgets": args.budgets} if args.budgets else {}))
+            eval_mrs=PROBE_MRS, model=args.model, **_overrides(args))
         start = time.perf_counter()
         df = run_experiment(cfg, out_dir=Path(args.out) / "probe" / method, progress=False, figures=False)
         total = time.perf_counter() - start
@@ -69,9 +69,12 @@ def scaled_config(ccfg: ComparisonConfig, steps: int, args) -> dict:
     round_steps = ccfg.common.get("local_steps", 10)
     common = {**ccfg.common, "rounds": math.ceil(steps / round_steps), "val_examples": VAL_ROWS,
               "eval_mrs": TEST_MRS, "device": args.device, "model": args.model}
-    if args.budgets:
-        common["budgets"] = args.budgets
-    return {**ccfg.model_dump(), "common": common}
+    return {**ccfg.model_dump(), "common": {**common, **_overrides(args)}}
+
+
+def _overrides(args) -> dict:
+    """What the command line changes of the protocol: the budgets and sequence length (the tiny model's, in tests)."""
+    return {k: v for k, v in (("budgets", args.budgets), ("seq_len", args.seq_len)) if v is not None}
 
 
 def main(argv=None) -> dict:
@@ -82,6 +85,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--budgets", type=float, nargs="+", help="override the protocol's budgets (the tiny model's)")
+    ap.add_argument("--seq-len", type=int, help="override the protocol's sequence length (the tiny model's)")
     ap.add_argument("--budget-s", type=float, default=600.0, help="seconds for the whole comparison")
     ap.add_argument("--min-steps", type=int, default=240)
     ap.add_argument("--workers", type=int, default=4)

@@ -164,7 +164,7 @@ def _compare(args) -> int:
     from .comparison import ComparisonConfig, run_comparison, write_report
     from .config import CONFIGS
 
-    ccfg = ComparisonConfig.load(args.config or CONFIGS / "comparison.yaml")
+    ccfg = ComparisonConfig.load(args.config or CONFIGS / "comparison.yaml").with_data(args.data)
     ccfg.runs(args.settings, args.methods, args.seeds)  # a selection that names nothing known is an error
     if not args.report_only:
         run_comparison(ccfg, args.out, args.settings, args.methods, args.seeds, data=args.data)

@@ -94,6 +94,13 @@ class ComparisonConfig(TypedConfig):
                                    "extras": extras if core else [], "seeds": seeds or self.seeds,
                                    "extra_seeds": seeds or self.extra_seeds, "common": {**self.common, **common}})
 
+    def with_data(self, data) -> "ComparisonConfig":
+        """The same comparison on another data folder (None: unchanged): every run, every check of a finished run
+        and the report then read the same files."""
+        if data is None:
+            return self
+        return ComparisonConfig(**{**self.model_dump(), "common": {**self.common, "data": str(data)}})
+
     def fingerprint(self) -> str:
         """A short hash of the whole comparison: one output folder per distinct protocol (as
         `ExperimentConfig.fingerprint` gives one per setting)."""
@@ -222,10 +229,7 @@ def run_comparison(ccfg: ComparisonConfig, out, settings=None, methods=None, see
     folder's elapsed.json, so the comparison's total time survives being run in pieces."""
     from .experiment import run_experiment
 
-    specs = ccfg.runs(settings, methods, seeds)
-    if data is not None:
-        for s in specs:
-            s.cfg = s.cfg.replace(data=str(data))
+    specs = ccfg.with_data(data).runs(settings, methods, seeds)
     todo = [s for s in specs if not finished(s, out)]
     for spec in todo:  # every selected run's budgets and split points against the model, before the first starts
         try:

@@ -390,10 +390,11 @@ def _check_model_fit(cfg: ExperimentConfig) -> None:
     scale = cfg.budget_scale(config)
     need = smallest_budget(config, cfg.batch_size, cfg.seq_len, min(r for r in cfg.rank_levels if r), cfg.headroom)
     least = f"{math.ceil(need)} bytes" if cfg.budget_unit == "bytes" else f"{need / scale:.6g} x the model's weight bytes"
-    places = [(f"budgets[{k}]", b) for k, b in enumerate(cfg.budgets)] + \
-        [(f"events[{i}].memory", e.memory) for i, e in enumerate(cfg.events) if e.type == "budget"]
-    for where, b in places:
+    places = [(f"budgets[{k}]", b, "") for k, b in enumerate(cfg.budgets)] + \
+        [(f"events[{i}].memory", e.memory, f"; it is client {e.client}'s budget from round {e.round}")
+         for i, e in enumerate(cfg.events) if e.type == "budget"]
+    for where, b, whose in places:
         if b * scale < need:
             _bad(where, b, f"at least {least}: the smallest split configuration of "
                            f"{cfg.model!r} (split point 1, one adapter at the lowest rank, batch {cfg.batch_size} x "
-                           f"{cfg.seq_len} tokens, headroom {cfg.headroom})")
+                           f"{cfg.seq_len} tokens, headroom {cfg.headroom}){whose}")

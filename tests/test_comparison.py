@@ -425,3 +425,12 @@ def test_the_report_goes_under_the_comparisons_own_folder_and_nothing_else_chang
     assert status() == before
     assert (copy / "comparison.csv").is_file() and (copy / "comparison.json").is_file()
     assert len(pd.read_csv(copy / "comparison.csv")) == 4
+
+
+def test_with_data_reaches_every_run_and_the_checks_of_finished_runs(ran, tmp_path):
+    """The data folder given on the command line is the one every run trains on and every finished run is
+    checked against (before, the checks read the preset's data and refused the comparison's own finished runs)."""
+    ccfg, out = ran
+    assert {s.cfg.data for s in ccfg.with_data("/some/e2e").runs()} == {"/some/e2e"}
+    assert ccfg.with_data(None) is ccfg
+    assert len(collect(ccfg.with_data("builtin"), out)[1]) == 4

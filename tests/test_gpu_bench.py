@@ -35,7 +35,7 @@ def test_the_steps_afforded_follow_the_probe_by_hand():
 def test_the_probe_writes_a_scaled_comparison_config(tmp_path):
     bench = _bench()
     result = bench.main(["--data", "builtin", "--out", str(tmp_path), "--device", "cpu", "--model", "tiny-llama",
-                         "--budgets", "4500000", "8000000", "11500000", "9000000", "10000000",
+                         "--budgets", "4500000", "8000000", "11500000", "9000000", "10000000", "--seq-len", "256",
                          "--budget-s", "1", "--min-steps", "20", "--workers", "2", "--plan-only"])
     assert result["local_steps_afforded"] == 20 and result["rounds"] == 2
     for method in ("hsplitlora", "splitlora"):

@@ -43,6 +43,7 @@ def compare_runs(real: pd.DataFrame, simulated: pd.DataFrame,
                  columns=("val_ppl", "train_loss", "sim_time_s", "bytes_up", "bytes_down")) -> pd.DataFrame:
     """Largest absolute difference per method and column between two results tables (same config)."""
     keys = ["method", "round"]
-    both = real.set_index(keys)[list(columns)].join(simulated.set_index(keys)[list(columns)], rsuffix="_sim")
+    both = real.set_index(keys)[list(columns)].merge(simulated.set_index(keys)[list(columns)], left_index=True,
+                                                      right_index=True, how="left", suffixes=("", "_sim"))
     diff = pd.DataFrame({c: (both[c] - both[f"{c}_sim"]).abs() for c in columns})
     return diff.groupby("method").max().reset_index()

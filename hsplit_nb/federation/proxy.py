@@ -27,15 +27,6 @@ class ClientProxy:
     lost: str | None = None
 
     def open(self, method: str) -> None: ...
-    def _forget(self, matrices) -> None:
-        """The device optimizer's state of restarted matrices starts afresh; the others' is kept."""
-        if self.opt is None or not matrices:
-            return
-        for n in matrices:
-            layer = lora_layer(self.replica.pm, n, self.name)
-            for p in (layer.lora_A[self.name].weight, layer.lora_B[self.name].weight):
-                self.opt.state.pop(p, None)
-
     def sync(self, msg: Sync) -> None: ...
     def configure(self, msg: Configure) -> None: ...
     def away(self, round_: int) -> None: ...
