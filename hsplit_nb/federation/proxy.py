@@ -13,12 +13,13 @@ import contextlib
 
 import torch
 
-from ..adapters import adapter_names, adapter_parameters, base_weight, lora_layer, read_adapter
+from ..adapters import adapter_names, adapter_parameters, base_weight, read_adapter
 from ..aggregation import hetlora_regulariser
 from ..importance import riding, side_matrices
 from ..split import ClientPart, client_update, unwrap
 from .clients import Client, next_indices
 from .messages import Apply, CatchUp, Configure, Sync
+from .optimizers import factor_params
 from .replica import Replica
 
 
@@ -112,8 +113,7 @@ class LocalClient(ClientProxy):
         if self.opt is None or not matrices:
             return
         for n in matrices:
-            layer = lora_layer(self.replica.pm, n, self.name)
-            for p in (layer.lora_A[self.name].weight, layer.lora_B[self.name].weight):
+            for p in factor_params(self.replica.pm, n, self.name):
                 self.opt.state.pop(p, None)
 
     def sync(self, msg: Sync) -> None:
