@@ -1,4 +1,4 @@
-"""Cost models from a model config alone: sizes, client memory, FLOPs, step latency and weight bytes.
+"""Cost models from a model config alone: sizes, client memory, FLOPs and weight bytes (times: latency.py).
 
 Memory of client k at split s with ranks r (bytes): frozen weights of the embeddings and s blocks,
 the activations its blocks save for backward at the configured batch and sequence length, the
@@ -171,7 +171,7 @@ def measure_client_memory(model, split_point: int, batch: dict) -> dict[str, int
             "adapters": adapter_weights + grads + states, "smashed": smashed.nbytes}
 
 
-# ---- latency ------------------------------------------------------------------------------------
+# ---- compute and the cut ---------------------------------------------------------------------------------------
 
 def block_flops(dims: Dims, batch_size: int, seq_len: int) -> float:
     """Forward + backward FLOPs of one block with frozen weights (backward computes input grads only,
@@ -187,67 +187,6 @@ def head_flops(dims: Dims, batch_size: int, seq_len: int) -> float:
 
 def smashed_bytes(config, batch_size: int, seq_len: int, dtype=torch.float32) -> int:
     return batch_size * seq_len * hidden_size(config) * dtype_bytes(dtype)
-
-
-def step_latency(config, split_points, speeds, bandwidths, server_speed: float, batch_size: int, seq_len: int,
-                 dtype=torch.float32, compute_factor: float = 1.0) -> dict:
-    """The spec's latency model of one local step of the whole federation (seconds).
-
-    c_k = flops_client(s_k) / F_k + 2 * bytes(smashed) / b_k;  S = sum_k flops_server(L - s_k) / F_server;
-    T = max(max_k c_k, S). `compute_factor` scales the compute terms (CALIBRATION_STEP_FACTOR: a step IWI rides on).
-    """
-    config = getattr(config, "config", config)
-    dims = Dims.of(config)
-    fb, hf = block_flops(dims, batch_size, seq_len), head_flops(dims, batch_size, seq_len)
-    transfer = 2 * smashed_bytes(config, batch_size, seq_len, dtype)
-    client = [compute_factor * s * fb / f + transfer / b for s, f, b in zip(split_points, speeds, bandwidths)]
-    server = compute_factor * sum((dims.n_layers - s) * fb + hf for s in split_points) / server_speed
-    return {"step": max(max(client), server), "server": server, "clients": client}
-
-
-
-# ---- a round --------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class RoundCosts:
-    """What a round costs besides its local steps: the steps' count and the calibrations due in it (each rides on
-    one of the steps). ARMSC minimises (local_steps - calibrations) x T(s) + calibrations x T_cal(s) + the slowest
-    client's aggregation traffic / b_k, T_cal being T with the compute scaled by CALIBRATION_STEP_FACTOR."""
-    local_steps: int
-    calibrations: float = 0.0
-    server_rank: int = 16  # the rank of the server's shared copy where it joins an aggregation
-
-
-def aggregation_bytes(matrices, device_ranks: list[dict[str, int]], splits: list[int], server_rank: int) -> list[int]:
-    """Per client, the adapter bytes of one aggregation (fp32 factors): its device-side factors up, and for every
-    layer it hosts B_cat and A_cat of all holders (the clients hosting it, and the server's copy where some
-    client's server part contains it, at `server_rank`) down."""
-    out = []
-    for k, s in enumerate(splits):
-        up = sum(device_ranks[k].get(m.name, 0) * m.rank1_cost for m in matrices if m.layer < s)
-        down = 0
-        for m in matrices:
-            if m.layer >= s:
-                continue
-            total = sum(r.get(m.name, 0) for r, sj in zip(device_ranks, splits) if m.layer < sj)
-            if total and any(m.layer >= sj for sj in splits):
-                total += server_rank
-            down += total * m.rank1_cost
-        out.append(4 * (up + down))
-    return out
-
-
-def round_seconds(config, clients, splits, device_ranks, speeds, server_speed, batch_size, seq_len, p,
-                  costs: RoundCosts, matrices=None) -> float:
-    """The time of one round as the clock charges it: its plain steps at the step latency T(s), its calibrating
-    steps at T_cal(s), plus the slowest client's aggregation traffic over its bandwidth."""
-    bandwidths = [c.bandwidth for c in clients]
-    step = step_latency(config, splits, speeds, bandwidths, server_speed, batch_size, seq_len, p)["step"]
-    calibrating = step_latency(config, splits, speeds, bandwidths, server_speed, batch_size, seq_len, p,
-                               CALIBRATION_STEP_FACTOR)["step"] if costs.calibrations else 0.0
-    traffic = aggregation_bytes(matrices or candidate_matrices(config), device_ranks, splits, costs.server_rank)
-    return (costs.local_steps - costs.calibrations) * step + costs.calibrations * calibrating + \
-        max(b / c.bandwidth for b, c in zip(traffic, clients))
 
 
 # ---- resources ----------------------------------------------------------------------------------

@@ -219,6 +219,16 @@ class ImportanceTracker:
         self._budgets_config = dict(budgets or {})
         self._present_config = frozenset(present) if present is not None else None
 
+    STATE = ("t", "ibar", "history", "_g_config", "_budgets_config", "_present_config")
+
+    def state_dict(self) -> dict:
+        """What a checkpoint keeps: the calibrations folded in and the state the last configuration saw."""
+        return {k: getattr(self, k) for k in self.STATE}
+
+    def load_state_dict(self, state: dict) -> None:
+        for k in self.STATE:
+            setattr(self, k, state[k])
+
     def trigger(self, budgets: dict | None = None, present=None) -> list[str]:
         """Why ARMSC must reconfigure now (empty: it need not): never configured, importance moved more
         than delta in L1, a budget changed, or a client left or returned."""

@@ -32,6 +32,7 @@ class PlanInputs:
     n_blocks: int
     server_adapter_budget: float | None = None  # bytes for the main server's shared adapter set (None: top rank)
     round_costs: object = None   # planner.RoundCosts: ARMSC minimises a round's time (None: one step's)
+    time: object = None          # latency.TimeModel the federation's clock charges (None: the spec's at server_speed)
 
 
 @dataclass(frozen=True)
@@ -84,7 +85,7 @@ def _armsc_splits(x: PlanInputs) -> list[int]:
     if x.fixed_splits is not None:
         return list(x.fixed_splits)
     return planner.armsc_splits(x.config, x.specs, x.importance, x.batch_size, x.seq_len, x.levels, x.dtype_bytes,
-                                x.headroom, x.server_speed, x.round_costs)
+                                x.headroom, x.server_speed, x.round_costs, x.time)
 
 
 def _armsc_ranks(x: PlanInputs, splits) -> list[dict[str, int]]:
@@ -104,7 +105,7 @@ def _uniform_server_ranks(x: PlanInputs, ranks, server_side) -> dict[str, int]:
 
 def _weakest_split(x: PlanInputs) -> list[int]:
     s = planner.weakest_split(x.config, x.specs, x.batch_size, x.seq_len, x.levels, x.dtype_bytes, x.headroom,
-                              x.server_speed)
+                              x.server_speed, x.time)
     return [s] * len(x.specs)
 
 

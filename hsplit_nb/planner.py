@@ -17,11 +17,12 @@ from .adapters import Matrix, candidate_matrices, layer_of  # noqa: F401  (layer
 from .architectures import num_blocks
 from .costs import (  # noqa: F401  (re-exported: the cost models used to live here)
     uniform_budget,
-    ADAPTER_COPIES_BYTES, DEFAULT_BANDWIDTH, FLOPS_PER_BUDGET_BYTE, ClientMemory, ClientSpec, Dims, RoundCosts,
-    activation_bytes, aggregation_bytes, round_seconds,
+    ADAPTER_COPIES_BYTES, DEFAULT_BANDWIDTH, FLOPS_PER_BUDGET_BYTE, ClientMemory, ClientSpec, Dims,
+    activation_bytes,
     adapter_bytes, block_flops, client_memory, default_server_speed, dtype_bytes, head_flops, measure_client_memory,
-    smashed_bytes, step_latency, weight_bytes,
+    smashed_bytes, weight_bytes,
 )
+from .latency import RoundCosts, TimeModel, aggregation_bytes, round_seconds, step_latency  # noqa: F401
 
 DEFAULT_RANK_LEVELS = (0, 2, 4, 8, 16)
 
@@ -153,24 +154,22 @@ def _feasible(config, clients, matrices, importance, batch_size, seq_len, r_min,
     return feasible
 
 
-def _search_splits(config, clients, feasible, speeds, server_speed, batch_size, seq_len, p) -> list[int]:
-    """For each candidate bound T, every client takes its deepest fitting split with c_k <= T; the resulting
-    step time is evaluated exactly. Ties go to the larger T, i.e. the deeper splits."""
-    dims = Dims.of(config)
-    fb = block_flops(dims, batch_size, seq_len)
-    transfer = 2 * smashed_bytes(config, batch_size, seq_len, p)
-
+def _sweep(tm: TimeModel, clients, feasible):
+    """ARMSC's candidate split vectors: for each bound T on a client's step time (ascending), every client takes
+    its deepest fitting split with c_k <= T."""
     def c_time(k: int, s: int) -> float:
-        return s * fb / speeds[k] + transfer / clients[k].bandwidth
+        return tm.client(s, clients[k], tm.moved(s))
 
-    best = None
     for T in sorted({c_time(k, s) for k in range(len(clients)) for s in feasible[k]}):
-        splits = []
-        for k in range(len(clients)):
-            ok = [s for s in feasible[k] if c_time(k, s) <= T * (1 + 1e-12)]
-            splits.append(max(ok) if ok else feasible[k][0])
-        t = step_latency(config, splits, speeds, [c.bandwidth for c in clients], server_speed, batch_size, seq_len,
-                         p)["step"]
+        yield [max([s for s in feasible[k] if c_time(k, s) <= T * (1 + 1e-12)], default=feasible[k][0])
+               for k in range(len(clients))]
+
+
+def _search_splits(tm: TimeModel, clients, feasible) -> list[int]:
+    """The sweep's vector of the lowest step time, evaluated exactly; ties go to the larger T (deeper splits)."""
+    best = None
+    for splits in _sweep(tm, clients, feasible):
+        t = tm.step(splits, clients)["step"]
         if best is None or t <= best[0] * (1 + 1e-12):
             best = (t, splits)
     return best[1]
@@ -185,26 +184,19 @@ def _device_ranks(config, dims, client: ClientSpec, s: int, matrices, importance
     return ranks, mem.total()
 
 
-def _search_round(config, clients, feasible, speeds, server_speed, batch_size, seq_len, p, costs: RoundCosts,
-                  ranks_at) -> list[int]:
-    """The split vectors of the step-time sweep (`_search_splits`), judged by the time of a whole round; ties go
-    to the deeper splits. `ranks_at(k, s)` gives client k's device ranks at split s (cached by the caller)."""
-    dims = Dims.of(config)
-    fb = block_flops(dims, batch_size, seq_len)
-    transfer = 2 * smashed_bytes(config, batch_size, seq_len, p)
-    matrices = candidate_matrices(config)
+def _search_round(tm: TimeModel, clients, feasible, costs: RoundCosts, ranks_at, matrices) -> list[int]:
+    """The sweep's vectors judged by the time of a whole round; ties go to the deeper splits. `ranks_at(k, s)`
+    gives client k's device ranks at split s (cached by the caller)."""
     best, seen = None, set()
-    for T in sorted({s * fb / speeds[k] + transfer / clients[k].bandwidth
-                     for k in range(len(clients)) for s in feasible[k]}):
-        splits = tuple(max([s for s in feasible[k] if s * fb / speeds[k] + transfer / clients[k].bandwidth
-                            <= T * (1 + 1e-12)], default=feasible[k][0]) for k in range(len(clients)))
-        if splits in seen:
+    for splits in _sweep(tm, clients, feasible):
+        if tuple(splits) in seen:
             continue
-        seen.add(splits)
-        t = round_seconds(config, clients, list(splits), [ranks_at(k, s) for k, s in enumerate(splits)], speeds,
-                          server_speed, batch_size, seq_len, p, costs, matrices)
+        seen.add(tuple(splits))
+        traffic = aggregation_bytes(matrices, [ranks_at(k, s) for k, s in enumerate(splits)], splits,
+                                    costs.server_rank)
+        t = tm.round(splits, clients, traffic, costs)
         if best is None or t <= best[0] * (1 + 1e-12):
-            best = (t, list(splits))
+            best = (t, splits)
     return best[1]
 
 
@@ -219,9 +211,18 @@ def _check_fixed(clients, fixed_split_points, feasible) -> list[int]:
     return list(fixed_split_points)
 
 
+def _time_model(config, clients, batch_size, seq_len, p, server_speed, time_model) -> TimeModel:
+    """The time model a planning asks: the caller's (a federation's, shared with its clock), else the spec's at
+    `server_speed` (default 10x the fastest of `clients`)."""
+    if time_model is not None:
+        return time_model
+    return TimeModel.of(config, batch_size, seq_len, p, server_speed or default_server_speed([c.flops for c in clients]))
+
+
 def armsc_splits(config, clients: list[ClientSpec], importance: dict[str, float] | None = None, batch_size: int = 8,
                  seq_len: int = 64, rank_levels=DEFAULT_RANK_LEVELS, dtype=torch.float32, headroom: float = 0.1,
-                 server_speed: float | None = None, round_costs: RoundCosts | None = None) -> list[int]:
+                 server_speed: float | None = None, round_costs: RoundCosts | None = None,
+                 time_model: TimeModel | None = None) -> list[int]:
     """ARMSC's split points alone under every client's memory: the lowest time of a round when `round_costs`
     is given (local steps, calibrations and aggregation traffic, as the clock charges them), else the lowest
     step latency (see `plan`)."""
@@ -230,10 +231,9 @@ def armsc_splits(config, clients: list[ClientSpec], importance: dict[str, float]
     matrices = candidate_matrices(config)
     importance = _importance(matrices, importance)
     feasible = _feasible(config, clients, matrices, importance, batch_size, seq_len, levels[1], p, headroom)
-    speeds = [c.flops for c in clients]
-    server_speed = server_speed or default_server_speed(speeds)
+    tm = _time_model(config, clients, batch_size, seq_len, p, server_speed, time_model)
     if round_costs is None:
-        return _search_splits(config, clients, feasible, speeds, server_speed, batch_size, seq_len, p)
+        return _search_splits(tm, clients, feasible)
     dims, cache = Dims.of(config), {}
 
     def ranks_at(k: int, s: int) -> dict[str, int]:
@@ -242,8 +242,7 @@ def armsc_splits(config, clients: list[ClientSpec], importance: dict[str, float]
                                         seq_len, p, headroom)[0]
         return cache[k, s]
 
-    return _search_round(config, clients, feasible, speeds, server_speed, batch_size, seq_len, p, round_costs,
-                         ranks_at)
+    return _search_round(tm, clients, feasible, round_costs, ranks_at, matrices)
 
 
 def _server_ranks(server_side: list[Matrix], importance, levels, budget: float) -> dict[str, int]:
@@ -277,8 +276,9 @@ def plan(config, clients: list[ClientSpec], importance: dict[str, float] | None 
     speeds = [c.flops for c in clients]
     server_speed = server_speed or default_server_speed(speeds)
     feasible = _feasible(config, clients, matrices, importance, batch_size, seq_len, levels[1], p, headroom)
+    tm = _time_model(config, clients, batch_size, seq_len, p, server_speed, None)
     splits = _check_fixed(clients, fixed_split_points, feasible) if fixed_split_points is not None else \
-        _search_splits(config, clients, feasible, speeds, server_speed, batch_size, seq_len, p)
+        _search_splits(tm, clients, feasible)
     # ranks: device side under each client's memory; server side under a per-client adapter budget
     plans_device, memories = [], []
     for c, s in zip(clients, splits):
@@ -289,7 +289,7 @@ def plan(config, clients: list[ClientSpec], importance: dict[str, float] | None 
     if server_adapter_budget is None:
         richest_k = max(range(len(clients)), key=lambda k: clients[k].memory)
         server_adapter_budget = adapter_bytes(config, plans_device[richest_k])
-    timing = step_latency(config, splits, speeds, [c.bandwidth for c in clients], server_speed, batch_size, seq_len, p)
+    timing = tm.step(splits, clients)
     out = []
     for k, (c, s) in enumerate(zip(clients, splits)):
         server = _server_ranks([m for m in matrices if m.layer >= s], importance, levels, server_adapter_budget)
@@ -328,7 +328,7 @@ def _uniform_fits(config, split_point: int, rank: int, batch_size, seq_len, p, r
 
 def weakest_split(config, clients: list[ClientSpec], batch_size: int = 8, seq_len: int = 64,
                   rank_levels=DEFAULT_RANK_LEVELS, dtype=torch.float32, headroom: float = 0.1,
-                  server_speed: float | None = None) -> int:
+                  server_speed: float | None = None, time_model: TimeModel | None = None) -> int:
     """SplitLoRA's split for everyone: ARMSC's latency choice for a federation of copies of the weakest client,
     or the deepest shallower split where the weakest budget fits a uniform rank."""
     config = getattr(config, "config", config)
@@ -336,7 +336,8 @@ def weakest_split(config, clients: list[ClientSpec], batch_size: int = 8, seq_le
     levels = _check_inputs(clients, rank_levels, headroom, batch_size, seq_len, server_speed)
     weakest = min(clients, key=lambda c: c.memory)
     copies = [ClientSpec(c.name, weakest.memory, weakest.flops, weakest.bandwidth) for c in clients]
-    s0 = min(armsc_splits(config, copies, None, batch_size, seq_len, levels, p, headroom, server_speed))
+    s0 = min(armsc_splits(config, copies, None, batch_size, seq_len, levels, p, headroom, server_speed,
+                          time_model=time_model))
     room = (1 - headroom) * weakest.memory
     positive = [lv for lv in levels if lv > 0]
     for s in range(s0, 0, -1):

@@ -16,7 +16,8 @@ from tqdm.auto import tqdm
 
 from . import planner
 from .adapters import candidate_matrices
-from .costs import FLOPS_PER_BUDGET_BYTE, ClientSpec, Dims, RoundCosts, dtype_bytes, round_seconds, step_latency
+from .costs import FLOPS_PER_BUDGET_BYTE, ClientSpec, Dims, dtype_bytes
+from .latency import RoundCosts, round_seconds, step_latency
 
 METHODS = ("hsplitlora", "splitlora")
 

@@ -10,7 +10,7 @@ FLOORS = [
     ("utilities and the architecture table", ["io", "architectures"]),
     ("data and models", ["data", "models", "metrics"]),
     ("split and adapters", ["split", "adapters"]),
-    ("IWI, ARMSC and NAA, and their cost models", ["importance", "costs", "planner", "paper", "aggregation",
+    ("IWI, ARMSC and NAA, and their cost models", ["importance", "costs", "latency", "planner", "paper", "aggregation",
                                                                   "regime"]),
     ("the method table and the settings", ["methods", "config", "testbed"]),
     ("federation", ["federation"]),

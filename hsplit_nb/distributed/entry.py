@@ -88,7 +88,7 @@ class _ServerSide:
 
     def __init__(self, cfg, args, wire: Wire, out: Path):
         self.cfg, self.args, self.wire, self.out = cfg, args, wire, out
-        self.links = {n: RemoteClient(wire, k + 1, cfg, k) for k, n in enumerate(cfg.client_names())}
+        self.links = {n: RemoteClient(wire, k + 1) for k, n in enumerate(cfg.client_names())}
         self.server = None
         self.snapshots: list[tuple[str, dict]] = []
         self.lost: list[dict] = []
@@ -99,7 +99,7 @@ class _ServerSide:
         if self.args.kill and self.args.kill[0] == "server":
             server.on_step = self._kill_hook(self.args.kill[1:])
         self.snapshots.append((server.method.name, _copy_counts(self.wire)))
-        return {c.name: self.links[c.name].bind(c) for c in server.clients}
+        return {c.name: self.links[c.name] for c in server.clients}
 
     @staticmethod
     def _kill_hook(at):

@@ -15,14 +15,17 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from ..federation.ledger import BYTE_KINDS
+from ..federation.messages import VOCABULARY, Message
+
 MAGIC = 0x48534C4E  # "HSLN"
 MAX_DIMS = 5
 HEADER_LEN = 4 + MAX_DIMS  # magic, kind, dtype, ndim, shape
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.uint8,
           torch.bool]
-# What crosses the cut and the round boundary. The first six are the simulation's accounting
-# (hsplit_nb.federation.ledger.BYTE_KINDS); "control" and "sync" are protocol messages it does not model.
-KINDS = ["smashed_up", "grad_down", "adapter_up", "adapter_down", "weights_down", "calibration_up", "control", "sync"]
+# What crosses the cut and the round boundary: the simulation's accounting, then the protocol's messages it does
+# not model ("control": every message's fields; "sync": a resumed run's state).
+KINDS = [*BYTE_KINDS, "control", "sync"]
 
 
 class PeerLost(RuntimeError):
@@ -112,6 +115,20 @@ class Wire:
     def recv_tensors(self, peer: int, kind: str, timeout: float | None = None) -> dict[str, torch.Tensor]:
         names = self.recv_obj(peer, timeout=timeout)
         return {n: self.recv(peer, kind, timeout) for n in names}
+
+    def send_message(self, peer: int, msg: Message) -> None:
+        """A message in its wire form: its fields as a control message, then its tensors under its kind."""
+        head, tensors = msg.to_wire()
+        self.send_obj(peer, head)
+        for t in tensors:
+            self.send(peer, t, msg.kind)
+
+    def recv_message(self, peer: int, timeout: float | None = None) -> Message:
+        head = self.recv_obj(peer, timeout=timeout)
+        cls = VOCABULARY.get(head.get("op")) if isinstance(head, dict) else None
+        if cls is None:
+            raise RuntimeError(f"protocol error: rank {peer} sent {head!r}, not a message of the vocabulary")
+        return Message.from_wire(head, [self.recv(peer, cls.kind, timeout) for _ in range(head["tensors"])])
 
     def counts(self) -> dict[int, dict[str, dict[str, int]]]:
         """{peer: {"sent": {kind: bytes}, "received": {kind: bytes}}}."""

@@ -1,4 +1,4 @@
-"""A client process: a thin loop that receives the server's calls and runs them on the same `LocalClient`
+"""A client process: a generic loop that receives the server's messages and runs them on the same `LocalClient`
 the simulation uses, over its own replica of the model, its own data partition and device-side adapters."""
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from pathlib import Path
 from ..data import Collator, E2EDataset, partition
 from ..experiment import _to_bytes, load_splits
 from ..federation.clients import Client
-from ..federation.messages import Apply, CatchUp, Configure, Sync
-from ..federation.proxy import LocalClient
+from ..federation.local import LocalClient
+from ..federation.messages import Away, BeginRound, End, Finish, Hello, Open, Step
 from ..federation.replica import Replica
 from ..io import atomic_write_bytes
 from ..methods import get_method
@@ -39,78 +39,41 @@ class ClientProcess:
         print(f"[{self.name}] {text}", file=sys.stderr, flush=True)
 
     def run(self) -> None:
+        """Every message the server sends, in order, until `End`: each handled by the client's stages (`Open`
+        first builds them for the method), the answered ones replied to."""
         while True:
-            msg = self.wire.recv_obj(SERVER, timeout=self.idle_timeout)
-            op = msg.pop("op")
-            if op == "end":
-                self.wire.send_obj(SERVER, {"bye": self.name})
+            msg = self.wire.recv_message(SERVER, timeout=self.idle_timeout)
+            if isinstance(msg, End):
+                self.wire.send_message(SERVER, Hello(self.name, os.getpid()))
                 return
-            getattr(self, f"op_{op}")(**msg)
+            if isinstance(msg, Open):
+                self._open(msg.method)
+            self._before(msg)
+            reply = msg.handle(self.client)
+            if msg.answered:
+                self.wire.send_message(SERVER, reply)
+            if isinstance(msg, Finish) and msg.dump:
+                atomic_write_bytes(self.out / "clients" / self.method.name / f"{self.name}.pt",
+                                   _to_bytes(self.client.final_state()))
 
-    def _tensors(self, kind: str) -> dict:
-        return self.wire.recv_tensors(SERVER, kind)
-
-    def _pairs(self, names, kind: str) -> list:
-        return [(n, self.wire.recv(SERVER, kind), self.wire.recv(SERVER, kind)) for n in names]
-
-    # ---- one method's federation ----------------------------------------------------------------------
-
-    def op_method(self, name: str) -> None:
+    def _open(self, name: str) -> None:
+        """One method's federation: its client stages over a fresh replica of the model."""
         self.method = get_method(name)
         model, tok = load_model(self.cfg.model, device=self.cfg.device)
-        self.client = LocalClient(Client(self.name, None, self.indices), Replica(model, self.cfg.seed, self.cfg.top_rank, self.cfg.alpha),
+        self.client = LocalClient(Client(self.name, None, self.indices),
+                                  Replica(model, self.cfg.seed, self.cfg.top_rank, self.cfg.alpha),
                                   E2EDataset(self.train_rows, tok, self.cfg.seq_len), Collator(tok.pad_token_id),
-                                  self.cfg, self.index, self.method.hetlora_lambda, shares_replica=False)
-        self.wire.send_obj(SERVER, {"client": self.name, "pid": os.getpid()})
+                                  self.cfg, self.method.splits, self.method.hetlora_lambda, shares_replica=False)
         self.log(f"method {name}")
 
-    def op_sync(self, **fields) -> None:
-        weights, factors = self._tensors("sync"), self._tensors("sync")
-        self.client.sync(Sync(**fields, weights=weights, factors=factors,
-                              optimizer=self.wire.recv_obj(SERVER, "sync")))
-
-    def op_optimizer(self) -> None:
-        self.wire.send_obj(SERVER, self.client.optimizer_state(), "sync")
-
-    def op_configure(self, folds, blocks, **fields) -> None:
-        folds = self._pairs(folds, "weights_down")
-        self.client.configure(Configure(**fields, folds=folds,
-                                        blocks=[self._tensors("weights_down") for _ in range(blocks)]))
-
-    def op_catch_up(self, **fields) -> None:
-        self.client.catch_up(CatchUp(**fields, weights=self._tensors("weights_down"),
-                                     factors=self._tensors("weights_down")))
-
-    def op_away(self, round) -> None:  # noqa: A002  (the message's field)
-        self.log(f"away in round {round}")
-
-    def op_round(self, round) -> None:  # noqa: A002
-        self.round, self.step_in_round = round, 0
-        self.client.begin_round(round)
-
-    def op_step(self, calibrate: bool = False) -> None:
-        self.step_in_round += 1
-        if self.kill_at == (self.round, self.step_in_round):
-            self.log(f"killing myself (fault injection) in round {self.round}, step {self.step_in_round}")
-            os.kill(os.getpid(), signal.SIGKILL)
-        if not self.method.splits:
-            self.wire.send_obj(SERVER, self.client.unsplit_step())
-            return
-        self.client.begin_step(calibrate)
-        for t in self.client.forward():
-            self.wire.send(SERVER, t, "smashed_up")
-        scores = self.client.backward(self.wire.recv(SERVER, "grad_down"))  # the graph stays alive until here
-        if calibrate:
-            self.wire.send(SERVER, scores, "calibration_up")
-
-    def op_upload(self) -> None:
-        self.wire.send_tensors(SERVER, self.client.upload(), "adapter_up")
-
-    def op_apply(self, merges, **fields) -> None:
-        merges = self._pairs(merges, "adapter_down")
-        self.client.apply(Apply(**fields, merges=merges, factors=self._tensors("adapter_down")))
-
-    def op_finish(self, dump: bool) -> None:
-        if dump:
-            atomic_write_bytes(self.out / "clients" / self.method.name / f"{self.name}.pt",
-                               _to_bytes(self.client.final_state()))
+    def _before(self, msg) -> None:
+        """The process's own bookkeeping: the round and step it is in (for fault injection), absences logged."""
+        if isinstance(msg, BeginRound):
+            self.round, self.step_in_round = msg.round, 0
+        elif isinstance(msg, Away):
+            self.log(f"away in round {msg.round}")
+        elif isinstance(msg, Step):
+            self.step_in_round += 1
+            if self.kill_at == (self.round, self.step_in_round):
+                self.log(f"killing myself (fault injection) in round {self.round}, step {self.step_in_round}")
+                os.kill(os.getpid(), signal.SIGKILL)

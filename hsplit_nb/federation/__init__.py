@@ -6,15 +6,17 @@ from .boundary import SERVER_ADAPTER
 from .central import CENTRAL_ADAPTER, CentralTraining
 from .clients import Client, next_indices
 from .divergence import Diverged
-from .ledger import BYTE_KINDS, Clock, Ledger
-from .messages import Apply, CatchUp, Configure, Sync
-from .proxy import ClientProxy, LocalClient, unsplit_step
+from .clock import Clock
+from .ledger import BYTE_KINDS, Ledger
+from .local import LocalClient, in_process, unsplit_step
+from .messages import VOCABULARY, ClientStages, Message
+from .proxy import ClientProxy, InProcess
 from .replica import Replica
-from .server import MainServer, NoClientFits, in_process
+from .server import MainServer, NoClientFits
 
-__all__ = ["BYTE_KINDS", "CENTRAL_ADAPTER", "SERVER_ADAPTER", "Apply", "CatchUp", "CentralTraining", "Client",
-           "ClientProxy", "Clock", "Configure", "Diverged", "Ledger", "LocalClient", "MainServer", "NoClientFits", "Replica",
-           "Sync", "federation", "in_process", "next_indices", "unsplit_step"]
+__all__ = ["BYTE_KINDS", "CENTRAL_ADAPTER", "SERVER_ADAPTER", "VOCABULARY", "CentralTraining", "Client", "ClientProxy",
+           "ClientStages", "Clock", "Diverged", "InProcess", "Ledger", "LocalClient", "MainServer", "Message",
+           "NoClientFits", "Replica", "federation", "in_process", "next_indices", "unsplit_step"]
 
 
 def federation(model, tokenizer, method, clients, train_dataset, cfg, device="cpu", transport=in_process,

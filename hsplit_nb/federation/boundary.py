@@ -11,8 +11,9 @@ from ..adapters import adapter_parameters, base_weight, layer_of, merge_delta, r
 from ..aggregation import Stacked
 from ..metrics import perplexity
 from .clients import Client
-from .ledger import Clock, Ledger
-from .messages import Apply, CatchUp
+from .clock import Clock
+from .ledger import Ledger
+from .messages import Apply, CatchUp, Upload
 
 SERVER_ADAPTER = "server"
 
@@ -34,12 +35,13 @@ def _server_copy_weight(server, m, shared: set[str]) -> float | None:
 
 def _collect_uploads(server) -> None:
     uploaders = [c for c in server.present if server.replica.has_adapter(c.name) and server.device_ranks(c)]
+    asked = {c.name: Upload() for c in uploaders}
     for c in uploaders:
-        server.ask(c, "begin_upload")
+        server.links.post(c, asked[c.name])
     for c in uploaders:
-        factors = server.ask(c, "upload")
+        factors = server.links.collect(c, asked[c.name])
         if factors is not None:
-            server.replica.write_factors(c.name, factors)
+            server.replica.write_factors(c.name, factors.tensors)
 
 
 def _aggregate_matrix(server, m, ledger: Ledger, shared: set[str]) -> None:
@@ -98,7 +100,7 @@ def aggregate(server, ledger: Ledger) -> float:
     present = server.present
     seconds = Clock.transfer(present, {c.name: ledger.adapter_bytes(c.name) for c in present})
     for c in present:
-        server.ask(c, "apply", apply_message(server, c))
+        server.links.post(c, apply_message(server, c))
     return seconds
 
 

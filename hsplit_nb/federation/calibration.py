@@ -10,39 +10,58 @@ from __future__ import annotations
 
 import contextlib
 
-from ..importance import riding, side_matrices
-from .clients import Client
-from .divergence import finite
+from ..importance import ImportanceTracker, riding, side_matrices
 
 
-def due(server) -> bool:
-    """Whether the local step about to run calibrates."""
-    return server.tracker is not None and server.local_step % server.cfg.iwi_interval == 0
+class Calibrator:
+    """The calibrations of one federation and the importance tracker they feed (None: the method runs without
+    IWI). `pending`: the trigger's reasons, waiting for the next boundary."""
 
+    def __init__(self, config, matrices, interval: int, tracker: ImportanceTracker | None):
+        self.config, self.matrices, self.interval, self.tracker = config, matrices, interval, tracker
+        self.count = 0
+        self.pending: list[str] = []
 
-def server_side(server, c: Client, calibrate: bool):
-    """The hooks that score client c's server part during its step (nothing when the step does not calibrate)."""
-    if not calibrate:
-        return contextlib.nullcontext({})
-    return riding(server.pm, side_matrices(server.config, c.split_point, "server"))
+    @property
+    def ready(self) -> bool:
+        """Whether importance is known (ARMSC plans with uniform importance before)."""
+        return self.tracker is not None and self.tracker.ready
 
+    def due(self, local_step: int) -> bool:
+        """Whether the local step about to run calibrates."""
+        return self.tracker is not None and local_step % self.interval == 0
 
-def client_scores(server, c: Client, srv: dict[str, float], values) -> dict[str, float]:
-    """Every matrix's RNGWP on client c's batch: the server's scores and the client's uploaded values."""
-    cli = side_matrices(server.config, c.split_point, "client")
-    scores = {**srv, **{m.name: float(v) for m, v in zip(cli, values.tolist())}}
-    return {m.name: finite(server, scores[m.name], f"the RNGWP score of {m.name}", c) for m in server.matrices}
+    def server_side(self, pm, split_point: int, calibrate: bool):
+        """The hooks that score a client's server part during its step (nothing when the step does not calibrate)."""
+        if not calibrate:
+            return contextlib.nullcontext({})
+        return riding(pm, side_matrices(self.config, split_point, "server"))
 
+    def client_scores(self, split_point: int, server: dict[str, float], values, check) -> dict[str, float]:
+        """Every matrix's RNGWP on one client's batch: the server's scores and the client's uploaded values;
+        `check(value, what)` stops the run on a non-finite score."""
+        cli = side_matrices(self.config, split_point, "client")
+        scores = {**server, **{m.name: float(v) for m, v in zip(cli, values.tolist())}}
+        return {m.name: check(scores[m.name], f"the RNGWP score of {m.name}") for m in self.matrices}
 
-def fold(server, by_client: dict[str, dict[str, float]]) -> None:
-    """One calibration: the clients' scores averaged with data weights, into the tracker; the trigger is read."""
-    if not by_client:
-        return
-    total = sum(len(server.clients_by_name[n].indices) for n in by_client)
-    scores = {m.name: sum(len(server.clients_by_name[n].indices) / total * s[m.name] for n, s in by_client.items())
-              for m in server.matrices}
-    server.tracker.update(scores)
-    server.calibrations += 1
-    if server.configured_state is not None:  # importance only; resources are checked at the boundary
-        server.pending = server.tracker.trigger() if server.tracker.has_configuration else \
-            [f"first importance (calibration {server.calibrations - 1}; the plan so far had uniform importance)"]
+    def fold(self, by_client: dict[str, dict[str, float]], data: dict[str, int], configured: bool) -> None:
+        """One calibration: the clients' scores averaged with their data sizes, into the tracker; the trigger is
+        read once a configuration exists (importance only; resources are checked at the boundary)."""
+        if not by_client:
+            return
+        total = sum(data[n] for n in by_client)
+        self.tracker.update({m.name: sum(data[n] / total * s[m.name] for n, s in by_client.items())
+                             for m in self.matrices})
+        self.count += 1
+        if configured:
+            self.pending = self.tracker.trigger() if self.tracker.has_configuration else \
+                [f"first importance (calibration {self.count - 1}; the plan so far had uniform importance)"]
+
+    def state_dict(self) -> dict:
+        return {"count": self.count, "pending": list(self.pending),
+                "tracker": None if self.tracker is None else self.tracker.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.count, self.pending = state["count"], list(state["pending"])
+        if self.tracker is not None and state["tracker"] is not None:
+            self.tracker.load_state_dict(state["tracker"])

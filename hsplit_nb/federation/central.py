@@ -14,7 +14,9 @@ from ..metrics import perplexity
 from . import checkpoint
 from .clients import Client, next_indices
 from .divergence import finite
-from .ledger import Clock, Ledger
+from ..latency import TimeModel
+from .clock import Clock
+from .ledger import Ledger
 from .replica import Replica
 
 CENTRAL_ADAPTER = "central"
@@ -28,7 +30,7 @@ class CentralTraining:
             model, method, clients, train_dataset, cfg, device
         self.collate = Collator(tokenizer.pad_token_id)
         self.replica = Replica(model, cfg.seed, cfg.top_rank, cfg.alpha)
-        self.clock = Clock(model.config, cfg.batch_size, cfg.seq_len, cfg.server_speed)
+        self.clock = Clock(TimeModel.of(model.config, cfg.batch_size, cfg.seq_len, server_speed=cfg.server_speed))
         self.pooled = Client("pooled", clients[0].spec, sorted(i for c in clients for i in c.indices))
         self.sim_time = self.wall_time = 0.0
         self.top_rank = cfg.top_rank

@@ -9,9 +9,7 @@ import torch
 from ..adapters import adapter_names, layer_of, read_adapter, write_adapter
 from ..aggregation import Stacked
 from ..costs import ClientSpec
-from .messages import Sync
-
-TRACKER_FIELDS = ("t", "ibar", "history", "_g_config", "_budgets_config", "_present_config")
+from .messages import OptimizerState, Sync
 
 
 def client_records(clients) -> list[dict]:
@@ -49,12 +47,11 @@ def server_state(server) -> dict:
         "missed": sorted(server.missed),
         "adapters": adapters_state(server.replica),
         "global_deltas": {n: (st.B, st.A) for n, st in server.global_deltas.items()},
-        "calibrations": server.calibrations, "local_step": server.local_step, "pending": list(server.pending),
+        "calibrator": server.calibrator.state_dict(), "local_step": server.local_step,
         "generation": server.generation, "last_reset": dict(server.last_reset),
-        "configured_state": server.configured_state, "sim_time": server.sim_time, "wall_time": server.wall_time,
-        "tracker": None if server.tracker is None else {k: getattr(server.tracker, k) for k in TRACKER_FIELDS},
-        "server_optimizers": {k: None if opt is None else opt.state_dict() for k, opt in server.server_opts.items()},
-        "client_optimizers": {c.name: server.ask(c, "optimizer_state") for c in server.clients if not c.excluded},
+        "configured_state": server.configured_state, "clock": server.clock.state_dict(), "wall_time": server.wall_time,
+        "server_optimizers": server.server_opts.state_dict(),
+        "client_optimizers": {c.name: _optimizer_state(server, c) for c in server.clients if not c.excluded},
         "rng": rng_state(), "reconfigurations": list(server.reconfigurations),
     }
 
@@ -65,35 +62,35 @@ def load_server_state(server, state: dict) -> None:
     server.missed = set(state["missed"])
     load_client_records(server.clients, state["clients"])
     for adapter, mats in state["adapters"].items():
-        server._replace_adapter(adapter, {n: f.rank for n, f in mats.items()})
+        server.replace_adapter(adapter, {n: f.rank for n, f in mats.items()})
         for n, f in mats.items():
             write_adapter(server.pm, n, f.A, f.B, adapter)
     server.replica.load_weights(state["touched"])
     server.touched = set(state["touched"])
     server.global_deltas = {n: Stacked(B, A) for n, (B, A) in state["global_deltas"].items()}
-    server.calibrations, server.local_step = state["calibrations"], state["local_step"]
+    server.calibrator.load_state_dict(state["calibrator"])
+    server.local_step = state["local_step"]
     server.generation, server.last_reset = state["generation"], dict(state["last_reset"])
-    server.pending, server.configured_state = state["pending"], state["configured_state"]
-    server.sim_time, server.wall_time = state["sim_time"], state["wall_time"]
+    server.configured_state = state["configured_state"]
+    server.clock.load_state_dict(state["clock"])
+    server.wall_time = state["wall_time"]
     server.reconfigurations = list(state["reconfigurations"])
-    if server.tracker is not None and state["tracker"] is not None:
-        for k, v in state["tracker"].items():
-            setattr(server.tracker, k, v)
-    server.server_opts.clear()
-    for key, saved in state["server_optimizers"].items():
-        opt = server.server_opts[key] = server.server_opts.new(key)
-        if saved is not None:
-            opt.load_state_dict(saved)
+    server.server_opts.load_state_dict(state["server_optimizers"])
     load_rng_state(state["rng"])
-    server._mark_lost_clients()
-    server._open()
+    server.links.mark_lost(server.clients)
+    server.open_clients()
     for c in server.clients:
         if not c.excluded:
-            server.ask(c, "sync", _sync_message(server, c, state["client_optimizers"].get(c.name)))
+            server.links.post(c, _sync_message(server, c, state["client_optimizers"].get(c.name)))
 
 
 def _sync_message(server, c, optimizer) -> Sync:
     has = server.replica.has_adapter(c.name) and bool(server.device_ranks(c))
-    return Sync(c.split_point, server.device_ranks(c), server.generation, c.epoch, c.pos,
+    return Sync(c.split_point, server.device_ranks(c), server.generation,
                 weights=server.replica.weights(sorted(n for n in server.touched if c.hosts(layer_of(n)))),
                 factors=server.replica.factors(c.name, c.device_layers) if has else {}, optimizer=optimizer)
+
+
+def _optimizer_state(server, c) -> dict | None:
+    reply = server.links.ask(c, OptimizerState())
+    return None if reply is None else reply.state

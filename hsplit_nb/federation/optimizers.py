@@ -55,3 +55,14 @@ class ServerOptimizers(dict):
             for p, v in zip(factor_params(self.replica.pm, n, adapter), saved):
                 if v is not None:
                     opt.state[p] = v
+
+    def state_dict(self) -> dict:
+        return {k: None if opt is None else opt.state_dict() for k, opt in self.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Optimizers over the adapters as they are now, holding the saved state."""
+        self.clear()
+        for key, saved in state.items():
+            opt = self[key] = self.new(key)
+            if saved is not None:
+                opt.load_state_dict(saved)

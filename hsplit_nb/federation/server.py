@@ -8,7 +8,6 @@ adapter). The clock charges the device sides parallel time and the server its su
 """
 from __future__ import annotations
 
-import sys
 import time
 
 import numpy as np
@@ -18,28 +17,25 @@ from ..costs import Dims, dtype_bytes
 from ..data import Collator
 from ..importance import ImportanceTracker, resource_changes
 from ..methods import Method, PlanInputs
-from ..planner import RoundCosts, whole_model_bytes
+from ..latency import RoundCosts, TimeModel
+from ..planner import whole_model_bytes
 from ..split import ServerPart, nbytes, num_blocks, server_update, unwrap
-from . import boundary, calibration, checkpoint, reconfiguration
-from .clients import Client, apply_events
-from .ledger import Clock, Ledger
-from .messages import Configure
+from . import boundary, checkpoint, reconfiguration
+from .calibration import Calibrator
+from .clients import Client, apply_events, next_indices
+from .clock import Clock
+from .ledger import Ledger
+from .local import in_process
+from .messages import Away, Backward, BeginRound, Configure, Finish, Open, Step
 from .optimizers import ServerOptimizers
 from .boundary import SERVER_ADAPTER
 from .divergence import finite
-from .proxy import ClientProxy, LocalClient
+from .links import Links
 from .replica import Replica
 
 
 class NoClientFits(ValueError):
     """No client can take part (HetLoRA with strict memory when the whole model fits nowhere)."""
-
-
-def in_process(server: "MainServer") -> dict[str, ClientProxy]:
-    """The simulation's transport: every client in this process, sharing the server's replica."""
-    return {c.name: LocalClient(c, server.replica, server.data, server.collate, server.cfg, k,
-                                server.method.hetlora_lambda, shares_replica=True)
-            for k, c in enumerate(server.clients)}
 
 
 class MainServer:
@@ -55,31 +51,47 @@ class MainServer:
         self.matrices = candidate_matrices(self.config)
         self.collate = Collator(tokenizer.pad_token_id)
         self.levels = tuple(sorted(set(cfg.rank_levels)))
-        self.tracker = ImportanceTracker([m.name for m in self.matrices], cfg.beta_max, cfg.delta) \
-            if method.iwi else None
+        self.calibrator = Calibrator(self.config, self.matrices, cfg.iwi_interval, ImportanceTracker(
+            [m.name for m in self.matrices], cfg.beta_max, cfg.delta) if method.iwi else None)
         self.aggregator = method.aggregator
         self.replica = Replica(model, cfg.seed, cfg.top_rank, cfg.alpha)
-        self.clock = Clock(self.config, cfg.batch_size, cfg.seq_len, cfg.server_speed)
+        self.clock = Clock(TimeModel.of(self.config, cfg.batch_size, cfg.seq_len, self.p, cfg.server_speed, wire=True))
         self.touched: set[str] = set()  # matrices whose frozen weight has been merged into
         self.global_deltas = {}  # non-merging aggregators: the global model's deltas (matrix -> Stacked)
-        self.calibrations = self.local_step = self.generation = 0  # generation keys adapter restarts
-        self.pending, self.configured_state = [], None  # the trigger's reasons; what the last plan was made from
-        self.sim_time = self.wall_time = 0.0
+        self.local_step = self.generation = 0  # generation keys adapter restarts
+        self.configured_state = None  # what the last plan was made from
+        self.wall_time = 0.0
         self.missed: set[str] = set()  # clients that were away for an aggregation
         self.last_reset: dict[str, int] = {}  # adapter -> generation of its last restart
         self.merges: list = []  # (matrix, Stacked) merged at the current boundary, for the clients' messages
         self.reconfigurations: list[dict] = []  # rows of reconfigurations.csv
         self.round = self.step_in_round = 0
-        self.notes, self.lost = [], {}  # what happened during the round; client -> why it was lost
         self.server_opts = ServerOptimizers(self.replica, self.lr, self._server_layers)
         self.clients_by_name = {c.name: c for c in clients}
-        self.on_lost, self.on_step = on_lost, None
-        self.proxies = transport(self)
-        self._mark_lost_clients()
+        self.on_step = None
+        self.links = Links(transport(self), on_lost)
+        self.links.mark_lost(self.clients)
 
     @property
     def pm(self):
         return self.replica.pm
+
+    @property
+    def sim_time(self) -> float:
+        return self.clock.seconds
+
+    @property
+    def tracker(self):
+        return self.calibrator.tracker
+
+    @property
+    def pending(self) -> list[str]:
+        """The IWI trigger's reasons to reconfigure, waiting for the next boundary."""
+        return self.calibrator.pending
+
+    @pending.setter
+    def pending(self, reasons: list[str]) -> None:
+        self.calibrator.pending = reasons
 
     @property
     def present(self) -> list[Client]:
@@ -87,34 +99,12 @@ class MainServer:
 
     # ---- talking to clients -------------------------------------------------------------------------
 
-    def ask(self, c: Client, op: str, *args):
-        """Call `op` on client c's proxy. A lost client leaves for good and the answer is None."""
-        proxy = self.proxies[c.name]
-        if proxy.lost:
-            return None
-        out = getattr(proxy, op)(*args)
-        if proxy.lost:
-            self._lose(c, proxy.lost)
-            return None
-        return out
-
-    def _lose(self, c: Client, why: str) -> None:
-        c.present, c.excluded = False, True
-        self.lost[c.name] = why
-        self.notes.append(f"lost: {c.name} ({why})")
-        print(f"[server] lost client {c.name}: {why}", file=sys.stderr, flush=True)
-        if self.on_lost is not None:
-            self.on_lost(c.name, why)
-
-    def _mark_lost_clients(self) -> None:
-        for c in self.clients:
-            if self.proxies[c.name].lost:
-                c.present, c.excluded = False, True
-
-    def _open(self) -> None:
+    def open_clients(self) -> None:
         for c in self.clients:
             if not c.excluded:
-                self.ask(c, "open", self.method.name)
+                hello = self.links.ask(c, Open(self.method.name))
+                if hello is not None and hello.client != c.name:
+                    raise RuntimeError(f"the transport of client {c.name} reached client {hello.client!r}")
 
     def serving(self, c: Client):
         """The adapters of client c's server part: its own copy (per-client variant) or the shared set; c's own
@@ -143,7 +133,7 @@ class MainServer:
     def start(self) -> None:
         """The first configuration, before the first round: with uniform importance, since IWI's first
         calibration rides on the first local step (its plan takes effect at the first boundary)."""
-        self._open()
+        self.open_clients()
         if self.method.strict_memory:
             self._exclude_clients_that_cannot_hold_the_model()
         self.configure(initial=True)
@@ -166,9 +156,8 @@ class MainServer:
         fixed = None if cfg.split_points is None else [cfg.split_points[self.clients.index(c)] for c in present]
         return PlanInputs(self.config, [c.spec for c in present], [c.spec for c in self.clients], self.levels,
                           cfg.batch_size, cfg.seq_len, self.p, cfg.headroom, cfg.server_speed,
-                          self.tracker.importance() if self.tracker is not None and self.tracker.ready else None,
-                          fixed, self.L,
-                          cfg.server_adapter_budget, self._round_costs())
+                          self.tracker.importance() if self.calibrator.ready else None, fixed, self.L,
+                          cfg.server_adapter_budget, self._round_costs(), self.clock.time)
 
     def _round_costs(self) -> RoundCosts:
         """What ARMSC charges a round, as the clock does: local steps, the calibrations due, and aggregation traffic
@@ -231,21 +220,21 @@ class MainServer:
                 self.replica.restart(n, SERVER_ADAPTER, self.generation)
                 self.server_opts.forget(SERVER_ADAPTER, n)
         budgets, present_names = self._state_for_trigger()
-        if self.tracker is not None and self.tracker.ready:
+        if self.calibrator.ready:
             self.tracker.configured(budgets, present_names)
         self.configured_state = (budgets, present_names)
         self.pending = []
         self.reconfigurations += reconfiguration.record(self.round, cause, shift, own_before, own_after,
                                                         server_before, server_after, change)
         for c in present:
-            self.ask(c, "configure", self._configure_message(c, before[c.name], initial, change))
+            self.links.post(c, self._configure_message(c, before[c.name], initial, change))
         return downloads
 
     def _restart_clients(self, change) -> None:
         """Rebuild the clients' own adapters whose ranks changed; restart the changed matrices of the others."""
         for c in self.clients:
             if c.name in change.rebuilt:
-                self._replace_adapter(c.name, self.method.server.client_ranks(c.ranks, c.split_point))
+                self.replace_adapter(c.name, self.method.server.client_ranks(c.ranks, c.split_point))
             elif self.replica.has_adapter(c.name):
                 for n in sorted(change.matrices & set(adapter_names(self.pm, c.name))):
                     self.replica.restart(n, c.name, self.generation)
@@ -255,7 +244,7 @@ class MainServer:
         """Build the shared set at `ranks`; the `kept` matrices keep their factors and Adam state."""
         factors = {n: read_adapter(self.pm, n, SERVER_ADAPTER) for n in kept}
         moments = self.server_opts.moments(SERVER_ADAPTER, kept)
-        self._replace_adapter(SERVER_ADAPTER, ranks)
+        self.replace_adapter(SERVER_ADAPTER, ranks)
         for n, f in factors.items():
             write_adapter(self.pm, n, f.A, f.B, SERVER_ADAPTER)
         self.server_opts.restore(SERVER_ADAPTER, moments)
@@ -274,7 +263,7 @@ class MainServer:
         """The blocks of an adapter the server trains: all of the shared set, a client's own copy past its split."""
         return None if adapter == SERVER_ADAPTER else range(self.clients_by_name[adapter].split_point, self.L)
 
-    def _replace_adapter(self, name: str, ranks: dict[str, int]) -> None:
+    def replace_adapter(self, name: str, ranks: dict[str, int]) -> None:
         self.server_opts.pop(name, None)
         if self.replica.replace_adapter(name, ranks, self.generation):
             self.last_reset[name] = self.generation
@@ -288,13 +277,13 @@ class MainServer:
         self.round = r
         returned = apply_events(self.clients, r, events)
         if not self.present:
-            lost = "; lost: " + "; ".join(f"{k} ({v})" for k, v in self.lost.items()) if self.lost else ""
+            lost = "; lost: " + "; ".join(f"{k} ({v})" for k, v in self.links.lost.items()) if self.links.lost else ""
             raise RuntimeError(f"round {r}: every client is away; the federation cannot train{lost}")
         downloads: dict[str, int] = {}
         for c in returned:
             if c.name in self.missed:
                 downloads[c.name] = boundary.catch_up_bytes(self, c)
-                self.ask(c, "catch_up", boundary.catch_up_message(self, c))
+                self.links.post(c, boundary.catch_up_message(self, c))
                 self.missed.discard(c.name)
         reasons = list(self.pending)
         if self.configured_state is not None:
@@ -308,7 +297,7 @@ class MainServer:
             self.pending = []
         for c in self.clients:
             if not c.present:
-                self.ask(c, "away", r)  # keeps a client process's waits short
+                self.links.post(c, Away(r))  # keeps a client process's waits short
         return {"reasons": reasons, "reconfigured": reconfigure, "weights_down": downloads}
 
     # ---- one round ----------------------------------------------------------------------------------
@@ -323,22 +312,22 @@ class MainServer:
             ledger.add(name, "weights_down", b)
         sim = Clock.transfer(self.clients, weights_down or {})
         for c in self.present:
-            self.ask(c, "begin_round", r)
+            self.links.post(c, BeginRound(r))
         self.pm.train()
         for _ in range(self.cfg.local_steps):
-            calibrates = calibration.due(self)
+            calibrates = self.calibrator.due(self.local_step)
             sim += self.clock.step(self.clients, self.method.splits, self._local_step(ledger, losses, calibrates),
                                    calibrates)
             self.local_step += 1
             if not self.present:
-                lost = "; ".join(f"{k}: {v}" for k, v in self.lost.items())
+                lost = "; ".join(f"{k}: {v}" for k, v in self.links.lost.items())
                 raise RuntimeError(f"round {r}, local step {self.step_in_round}: every client is lost ({lost}); the "
                                    "federation cannot go on; start the same command again to resume")
         sim += boundary.aggregate(self, ledger)
         self.missed |= {c.name for c in self.clients if not c.present}
-        self.sim_time += sim
+        self.clock.seconds += sim
         self.wall_time += time.perf_counter() - start
-        notes, self.notes = self.notes, []
+        notes = self.links.take_notes()
         return {"round": r, "train_loss": float(np.mean(losses)), "bytes": ledger.bytes, "reasons": notes}
 
     def _local_step(self, ledger: Ledger, losses: list, calibrates: bool = False) -> dict[str, int]:
@@ -349,40 +338,47 @@ class MainServer:
         self.step_in_round += 1
         if self.on_step is not None:
             self.on_step(self.round, self.step_in_round)
+        steps = {c.name: Step(self._next_positions(c), calibrates) for c in present}
         for c in present:
-            self.ask(c, "begin_step", calibrates)
+            self.links.post(c, steps[c.name])
         step_bytes, scores = {}, {}
         for c in present:
             if not self.method.splits:
-                loss = self.ask(c, "unsplit_step")
+                loss = self.links.collect(c, steps[c.name])
                 if loss is not None:
-                    losses.append(finite(self, float(loss), "the training loss", c))
+                    losses.append(finite(self, float(loss.value), "the training loss", c))
                     step_bytes[c.name] = 0
                 continue
-            b = self._split_step(c, losses, calibrates, scores)
+            b = self._split_step(c, steps[c.name], losses, scores)
             for kind, v in b.items():
                 ledger.add(c.name, kind, v)
             step_bytes[c.name] = sum(b.values())
         if calibrates:
-            calibration.fold(self, scores)
+            self.calibrator.fold(scores, {c.name: len(c.indices) for c in self.clients},
+                                 self.configured_state is not None)
         return step_bytes
 
-    def _split_step(self, c: Client, losses: list, calibrates: bool, scores: dict) -> dict[str, int]:
+    def _next_positions(self, c: Client) -> list[int]:
+        """Client c's next mini-batch: the server keeps every client's data cursor (checkpoints hold it)."""
+        return next_indices(c, self.cfg.batch_size, self.cfg.seed, self.clients.index(c))
+
+    def _split_step(self, c: Client, step: Step, losses: list, scores: dict) -> dict[str, int]:
         """Client c's turn in a local step: its smashed data up, the server's stage, the gradient down (and, in a
         calibrating step, both sides' RNGWP into `scores`); returns the bytes by kind."""
-        up = self.ask(c, "forward")
+        up, calibrates = self.links.collect(c, step), step.calibrate
         if up is None:
             return {}
-        smashed, mask, labels = (t.to(self.device) for t in up)
-        with self.serving(c), calibration.server_side(self, c, calibrates) as srv:
+        smashed, mask, labels = (t.to(self.device) for t in (up.hidden, up.mask, up.labels))
+        with self.serving(c), self.calibrator.server_side(self.pm, c.split_point, calibrates) as srv:
             loss, grad = server_update(ServerPart(self.pm, c.split_point), smashed, mask, labels,
                                        self.server_opts.of(SERVER_ADAPTER if self.method.server.shared else c.name))
         losses.append(finite(self, loss.item(), "the training loss", c))
-        values = self.ask(c, "backward", grad)
+        reply = self.links.ask(c, Backward(grad, scored=calibrates))
         b = {"smashed_up": nbytes(smashed, mask, labels), "grad_down": nbytes(grad)}
-        if calibrates and values is not None:
-            scores[c.name] = calibration.client_scores(self, c, srv, values)
-            b["calibration_up"] = nbytes(values)
+        if calibrates and reply is not None:
+            scores[c.name] = self.calibrator.client_scores(c.split_point, srv, reply.values,
+                                                           lambda v, what: finite(self, v, what, c))
+            b["calibration_up"] = nbytes(reply.values)
         return b
 
     # ---- IWI, evaluation, bookkeeping, checkpoints ----------------------------------------------------
@@ -397,4 +393,4 @@ class MainServer:
         """End of this method's rounds: live client processes may write their final state (for checks)."""
         for c in self.clients:
             if not c.excluded:
-                self.ask(c, "finish", dump)
+                self.links.post(c, Finish(dump))
