@@ -20,7 +20,7 @@ from hsplit_nb.adapters import add_adapters  # noqa: E402
 from hsplit_nb.data import E2EDataset, load_builtin, loader  # noqa: E402
 from hsplit_nb.io import atomic_write_json  # noqa: E402
 from hsplit_nb.models import load_model  # noqa: E402
-from hsplit_nb.planner import client_memory, measure_client_memory  # noqa: E402
+from hsplit_nb.costs import client_memory, measure_client_memory  # noqa: E402
 
 SETTINGS = {
     "q,v r8": {"q": 8, "v": 8},

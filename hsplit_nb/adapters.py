@@ -24,9 +24,6 @@ DEFAULT_TOP_RANK = 16
 # so a fixed alpha keeps the first steps' size about the same at every rank; 2 x the top rank level keeps scale 2 there
 DEFAULT_ALPHA = 2.0 * DEFAULT_TOP_RANK
 
-# family -> {short kind -> module path inside one block}, from the architecture table
-CANDIDATES = {family: dict(arch.candidates) for family, arch in ARCHITECTURES.items()}
-
 
 @dataclass(frozen=True)
 class Matrix:
@@ -44,8 +41,12 @@ class Matrix:
 
 
 def layer_of(name: str) -> int:
-    """The block index of a matrix from its name (every family's block path is `<prefix>.<index>.<...>`)."""
-    return int(name.split(".")[2])
+    """The block index of a matrix from its name: the part after its family's block list (the table's `blocks`)."""
+    for arch in ARCHITECTURES.values():
+        if name.startswith(arch.blocks + "."):
+            return int(name[len(arch.blocks) + 1:].split(".", 1)[0])
+    raise ValueError(f"{name!r} is no block's matrix in any family of the architecture table "
+                     f"(block lists: {', '.join(a.blocks for a in ARCHITECTURES.values())})")
 
 
 def candidate_matrices(model_or_config) -> list[Matrix]:

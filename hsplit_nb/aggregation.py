@@ -226,7 +226,6 @@ AGGREGATORS = {a.name: a for a in [
     Aggregator("flexlora", flexlora, merges=False),
     Aggregator("zeropad", zeropad, merges=False),
 ]}
-MERGING = tuple(name for name, a in AGGREGATORS.items() if a.merges)
 
 
 def get_aggregator(name: str) -> Aggregator:

@@ -7,10 +7,8 @@ numbers as an uninterrupted run.
 """
 from __future__ import annotations
 
-import io
 import json
 import random
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,45 +16,18 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .config import PAPER_BUDGET_FRACTIONS, ExperimentConfig, preset  # noqa: F401  (re-exported)
+from .config import ExperimentConfig
 from .costs import ClientSpec
-from .data import E2EDataset, group_references, load_builtin, load_e2e, loader, partition
-from .federation import Client, Diverged, NoClientFits, federation, in_process  # noqa: F401  (Diverged re-exported)
+from .clientdata import Splits, client_partitions, load_splits
+from .data import E2EDataset, loader
+from .federation import Client, NoClientFits, federation, in_process
 from .federation.divergence import finite
-from .io import FolderLock, atomic_write_bytes, atomic_write_text
+from .io import FolderLock, atomic_write_bytes, atomic_write_text, torch_bytes
 from .methods import get_method
 from .metrics import e2e_metrics, generate
 from .models import load_model
 from .plots import save_figures
 from .runfolder import RunFolder, RunFolderError
-
-# ---- data -------------------------------------------------------------------------------------
-
-@dataclass
-class Splits:
-    train: pd.DataFrame
-    val: pd.DataFrame
-    test: pd.DataFrame  # grouped: mr, refs
-
-
-def load_splits(cfg: ExperimentConfig) -> Splits:
-    """Training pool, validation rows and test MRs with grouped references, drawn with `eval_seed` (default: the
-    run's seed), so that runs of several seeds can be scored on the same MRs."""
-    seed = cfg.seed if cfg.eval_seed is None else cfg.eval_seed
-    rng = np.random.default_rng(seed)
-    if cfg.data == "builtin":
-        train, val, test = load_builtin("train"), load_builtin("dev"), group_references(load_builtin("test"))
-    else:
-        d = Path(cfg.data)
-        dev = load_e2e(d / "devset.csv")
-        mrs = dev["mr"].unique()
-        held = set(rng.choice(mrs, size=max(1, round(cfg.val_fraction * len(mrs))), replace=False))
-        train, val = dev[~dev["mr"].isin(held)], dev[dev["mr"].isin(held)]
-        test = group_references(load_e2e(d / "testset_w_refs.csv"))
-    val = val.sample(n=min(cfg.val_examples, len(val)), random_state=seed).sort_index()
-    test = test.sample(n=min(cfg.eval_mrs, len(test)), random_state=seed).sort_index()
-    return Splits(train.reset_index(drop=True), val.reset_index(drop=True), test.reset_index(drop=True))
-
 
 # ---- running --------------------------------------------------------------------------------------
 
@@ -77,8 +48,7 @@ class _Run:
         sim = cfg.resolved(self.model.config)  # a testbed's speeds made explicit
         _seed_everything(cfg.seed)
         self.events = cfg.events_in_bytes(self.model.config)
-        parts = partition(list(splits.train["mr"]), cfg.num_clients, cfg.partition, cfg.seed, cfg.dirichlet_alpha,
-                          cfg.partition_attribute)
+        parts = client_partitions(cfg, splits)
         speeds = sim.speeds or [None] * cfg.num_clients
         clients = [Client(n, ClientSpec(n, b, speeds[k], sim.bandwidth), parts[k])
                    for k, (n, b) in enumerate(zip(cfg.client_names(), cfg.budget_bytes(self.model.config)))]
@@ -139,7 +109,7 @@ class _Run:
             if ckpt is not None:
                 mine = [x for x in rows if x["method"] == self.name]
                 mine_c = [x for x in client_rows if x["method"] == self.name]
-                buf = _to_bytes({"round": r, "state": self.fed.state(), "rows": mine, "client_rows": mine_c,
+                buf = torch_bytes({"round": r, "state": self.fed.state(), "rows": mine, "client_rows": mine_c,
                                  "method": self.name, "fingerprint": _setting(self.cfg)})
                 atomic_write_bytes(ckpt, buf)
             on_round(self.name, row)
@@ -173,12 +143,6 @@ def _read_checkpoint(path: Path, method: str, fingerprint: str) -> dict:
             raise RunFolderError(f"checkpoint {path} belongs to {key} {saved[key]!r}, not {want!r}; move it away or "
                                  f"delete it to start {method} again from round 0")
     return saved
-
-
-def _to_bytes(obj) -> bytes:
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    return buf.getvalue()
 
 
 def run_experiment(config: ExperimentConfig, methods=None, out_dir=None, progress: bool = True,

@@ -174,3 +174,13 @@ class FolderLock:
             folder.rmdir()
         os.close(self._fd)  # closing the descriptor releases the lock
         self._fd = None
+
+
+def torch_bytes(obj) -> bytes:
+    """`obj` as torch.save writes it (for an atomic write of a checkpoint or a state)."""
+    import io
+
+    import torch
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()

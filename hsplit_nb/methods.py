@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from . import planner
+from .adapters import candidate_matrices, layer_of
 from .aggregation import AGGREGATORS, Aggregator
 
 
@@ -31,7 +32,7 @@ class PlanInputs:
     fixed_splits: list | None    # fixed split point per present client (config `split_points`), or None
     n_blocks: int
     server_adapter_budget: float | None = None  # bytes for the main server's shared adapter set (None: top rank)
-    round_costs: object = None   # planner.RoundCosts: ARMSC minimises a round's time (None: one step's)
+    round_costs: object = None   # latency.RoundCosts: ARMSC minimises a round's time (None: one step's)
     time: object = None          # latency.TimeModel the federation's clock charges (None: the spec's at server_speed)
 
 
@@ -70,15 +71,15 @@ class ServerAdapterPolicy:
         changes the server schedule alone, not also the server's adapter capacity."""
         if self.shared or rank_policy.server is None:
             return ranks
-        matrices = planner.candidate_matrices(x.config)
-        return [{**{n: r for n, r in rk.items() if planner.layer_of(n) < s},
+        matrices = candidate_matrices(x.config)
+        return [{**{n: r for n, r in rk.items() if layer_of(n) < s},
                  **rank_policy.server(x, ranks, [m for m in matrices if m.layer >= s])} for s, rk in zip(splits, ranks)]
 
     def client_ranks(self, ranks: dict[str, int], split_point: int) -> dict[str, int]:
         """The ranks of a client's own adapter: every matrix, or only its device side when the server's are shared."""
         if not self.shared:
             return dict(ranks)
-        return {n: r for n, r in ranks.items() if planner.layer_of(n) < split_point}
+        return {n: r for n, r in ranks.items() if layer_of(n) < split_point}
 
 
 def _armsc_splits(x: PlanInputs) -> list[int]:

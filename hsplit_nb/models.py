@@ -23,11 +23,11 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
-from .architectures import ARCHITECTURES, SUPPORTED_FAMILIES, family_of  # noqa: F401  (re-exported)
+from .architectures import ARCHITECTURES, SUPPORTED_FAMILIES, family_of
 
 SMOLLM2 = "smollm2-135m"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-TINY_NAMES = {"tiny-llama": "llama", "tiny-gpt2": "gpt2"}
+TINY_NAMES = {f"tiny-{family}": family for family in ARCHITECTURES}  # each family's tiny test model
 
 
 def cache_dir() -> Path:

@@ -13,16 +13,13 @@ from dataclasses import dataclass, field
 import pandas as pd
 import torch
 
-from .adapters import Matrix, candidate_matrices, layer_of  # noqa: F401  (layer_of re-exported)
+from .adapters import Matrix, candidate_matrices, layer_of
 from .architectures import num_blocks
-from .costs import (  # noqa: F401  (re-exported: the cost models used to live here)
-    uniform_budget,
-    ADAPTER_COPIES_BYTES, DEFAULT_BANDWIDTH, FLOPS_PER_BUDGET_BYTE, ClientMemory, ClientSpec, Dims,
-    activation_bytes,
-    adapter_bytes, block_flops, client_memory, default_server_speed, dtype_bytes, head_flops, measure_client_memory,
-    smashed_bytes, weight_bytes,
+from .costs import (
+    ADAPTER_COPIES_BYTES, ClientMemory, ClientSpec, Dims, activation_bytes, adapter_bytes, client_memory,
+    default_server_speed, dtype_bytes, uniform_budget, weight_bytes,
 )
-from .latency import RoundCosts, TimeModel, aggregation_bytes, round_seconds, step_latency  # noqa: F401
+from .latency import RoundCosts, TimeModel, aggregation_bytes
 
 DEFAULT_RANK_LEVELS = (0, 2, 4, 8, 16)
 

@@ -120,14 +120,15 @@ def quickstart_config(quick: bool, setting: str | None = None, seed: int = 0, **
 def initial_plans(cfg, methods=("hsplitlora", "splitlora")) -> pd.DataFrame:
     """Each split method's configuration before its first round, without training: per method and client, the
     budget, the split point, the adapters on the device and the sum of their ranks. `attrs["n_blocks"]`: the depth."""
-    from .experiment import _Run, load_splits
+    from .clientdata import load_splits
+    from .experiment import _Run
 
     splits, rows = load_splits(cfg), []
     for name in methods:
         run = _Run(cfg.replace(methods=[name]), name, splits, None)
         run.fed.start()
         for c in run.fed.clients:
-            device = run.fed.device_ranks(c)
+            device = run.fed.aggregation.device_ranks(c)
             rows.append({"method": name, "client": c.name, "budget_bytes": c.spec.memory, "split_point": c.split_point,
                          "device_adapters": len(device), "device_rank_sum": sum(device.values())})
         n_blocks = run.fed.L

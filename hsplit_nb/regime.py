@@ -15,7 +15,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from . import planner
-from .adapters import candidate_matrices
+from .adapters import candidate_matrices, layer_of
 from .costs import FLOPS_PER_BUDGET_BYTE, ClientSpec, Dims, dtype_bytes
 from .latency import RoundCosts, round_seconds, step_latency
 
@@ -68,7 +68,7 @@ def _row(b: _Budgets, method: str, splits: list[int], ranks: list[dict], specs, 
     speeds = [c.flops for c in specs]
     step = step_latency(fx.config, splits, speeds, [c.bandwidth for c in specs], server, fx.batch_size, fx.seq_len,
                         fx.dtype_bytes)["step"]
-    device = [{n: r for n, r in rk.items() if r and planner.layer_of(n) < s} for rk, s in zip(ranks, splits)]
+    device = [{n: r for n, r in rk.items() if r and layer_of(n) < s} for rk, s in zip(ranks, splits)]
     return {"method": method, "splits": "/".join(map(str, splits)), "mean_split": sum(splits) / len(splits),
             "distinct_splits": len(set(splits)), "device_adapters": "/".join(str(len(d)) for d in device),
             "device_rank_total": "/".join(str(sum(d.values())) for d in device), "step_s": step,

@@ -16,7 +16,7 @@ from torch import nn
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import CausalLMOutput
 
-from .architectures import architecture, block_list, hidden_size, num_blocks  # noqa: F401
+from .architectures import architecture, block_list, hidden_size, num_blocks
 
 
 def unwrap(model) -> nn.Module:

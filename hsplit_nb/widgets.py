@@ -17,12 +17,12 @@ from matplotlib.ticker import MaxNLocator
 import pandas as pd
 import torch
 
-from .architectures import architecture
+from .architectures import architecture, num_blocks
 from .adapters import LoraFactors, candidate_matrices
 from .aggregation import communication, fedavg, naa, zero_pad_average
 from .importance import ImportanceTracker
-from .planner import DEFAULT_RANK_LEVELS, ClientSpec, client_memory, plan, smashed_bytes
-from .split import num_blocks
+from .costs import ClientSpec, client_memory, smashed_bytes
+from .planner import DEFAULT_RANK_LEVELS, plan
 
 # ---- plain functions ------------------------------------------------------------------------------
 

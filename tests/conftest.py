@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from hsplit_nb.architectures import ARCHITECTURES
 from hsplit_nb.config import preset
 from hsplit_nb.data import Collator, encode
 from hsplit_nb.models import tiny_model
@@ -27,7 +28,7 @@ def e2e_dir() -> Path:
     return E2E_DIR
 
 
-@pytest.fixture(params=["llama", "gpt2"])
+@pytest.fixture(params=list(ARCHITECTURES))
 def family(request):
     return request.param
 

@@ -21,7 +21,8 @@ from hsplit_nb.aggregation import get_aggregator, naa
 from hsplit_nb.config import ConfigError, ExperimentConfig
 from hsplit_nb.costs import ClientSpec
 from hsplit_nb.data import load_builtin, load_e2e
-from hsplit_nb.experiment import Diverged, run_experiment
+from hsplit_nb.experiment import run_experiment
+from hsplit_nb.federation import Diverged
 from hsplit_nb.io import atomic_write_json
 from hsplit_nb.models import model_config, tiny_model
 from hsplit_nb.planner import plan

@@ -11,7 +11,9 @@ import torch
 from conftest import preset_fields
 from hsplit_nb.adapters import base_weight, read_adapter
 from hsplit_nb.distributed import DONE_FILE, launch, wire_bytes, worker_main
-from hsplit_nb.experiment import ExperimentConfig, _Run, load_splits
+from hsplit_nb.clientdata import load_splits
+from hsplit_nb.config import ExperimentConfig
+from hsplit_nb.experiment import _Run
 from hsplit_nb.federation import BYTE_KINDS
 
 BASE = preset_fields("quick", num_clients=2, budgets=[4_500_000, 11_500_000], eval_mrs=3, num_beams=1,

@@ -6,7 +6,9 @@ import pytest
 
 from conftest import REPO, e2e_dir
 from hsplit_nb.__main__ import main
-from hsplit_nb.experiment import ExperimentConfig, load_splits, run_experiment
+from hsplit_nb.clientdata import load_splits
+from hsplit_nb.config import ExperimentConfig
+from hsplit_nb.experiment import run_experiment
 from hsplit_nb.metrics import e2e_metrics
 
 

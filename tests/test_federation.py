@@ -13,11 +13,12 @@ from hsplit_nb.adapters import (
     adapter_names, add_adapters, base_weight, merge_delta, read_adapter, restart_adapter, restart_seed,
 )
 from hsplit_nb.data import E2EDataset, Collator, load_builtin
-from hsplit_nb.experiment import ExperimentConfig, run_experiment
+from hsplit_nb.config import ExperimentConfig
+from hsplit_nb.experiment import run_experiment
 from hsplit_nb.federation import SERVER_ADAPTER, Client, federation
 from hsplit_nb.methods import METHODS, get_method
 from hsplit_nb.models import tiny_model
-from hsplit_nb.planner import ClientSpec
+from hsplit_nb.costs import ClientSpec
 
 QUICK = preset_fields("quick", eval_mrs=3, num_beams=1, max_new_tokens=8, final_metrics=False)
 

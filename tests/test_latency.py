@@ -3,7 +3,9 @@ the round time the clock charges; the clock's state round-trips alone."""
 import pytest
 
 from conftest import preset_fields
-from hsplit_nb.experiment import ExperimentConfig, _Run, load_splits
+from hsplit_nb.clientdata import load_splits
+from hsplit_nb.config import ExperimentConfig
+from hsplit_nb.experiment import _Run
 from hsplit_nb.federation import Clock
 from hsplit_nb.latency import TimeModel, aggregation_bytes, round_seconds
 from hsplit_nb.planner import armsc_splits
@@ -32,7 +34,7 @@ def test_armscs_predicted_round_time_is_the_round_time_the_clock_charges(speeds)
     present = fed.present
     x = fed._plan_inputs()
     splits = [c.split_point for c in present]
-    ranks = [fed.device_ranks(c) for c in present]
+    ranks = [fed.aggregation.device_ranks(c) for c in present]
     predicted = round_seconds(x.config, x.specs, splits, ranks, [s.flops for s in x.specs], None, cfg.batch_size,
                               cfg.seq_len, fed.p, x.round_costs, fed.matrices, time_model=fed.clock.time)
     assert predicted == pytest.approx(charged, rel=1e-9)

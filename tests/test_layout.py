@@ -8,7 +8,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "hsplit_nb"
 FLOORS = [
     ("utilities and the architecture table", ["io", "architectures"]),
-    ("data and models", ["data", "models", "metrics"]),
+    ("data and models", ["data", "clientdata", "models", "metrics"]),
     ("split and adapters", ["split", "adapters"]),
     ("IWI, ARMSC and NAA, and their cost models", ["importance", "costs", "latency", "planner", "paper", "aggregation",
                                                                   "regime"]),

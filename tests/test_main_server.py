@@ -10,7 +10,9 @@ import torch
 from conftest import preset_fields
 from hsplit_nb.adapters import adapter_names, base_weight, lora_layer, read_adapter
 from hsplit_nb.aggregation import Aggregator, fedavg, naa, naa_aggregate
-from hsplit_nb.experiment import ExperimentConfig, _Run, load_splits
+from hsplit_nb.clientdata import load_splits
+from hsplit_nb.config import ExperimentConfig
+from hsplit_nb.experiment import _Run
 from hsplit_nb.federation import SERVER_ADAPTER
 from hsplit_nb.federation import server as server_module
 from hsplit_nb.methods import METHODS

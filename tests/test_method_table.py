@@ -14,7 +14,8 @@ import pytest
 
 from conftest import preset_fields
 from hsplit_nb.distributed import launch, wire_bytes
-from hsplit_nb.experiment import ExperimentConfig, run_experiment
+from hsplit_nb.config import ExperimentConfig
+from hsplit_nb.experiment import run_experiment
 from hsplit_nb.federation import BYTE_KINDS
 from hsplit_nb.methods import METHODS
 

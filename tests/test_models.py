@@ -5,7 +5,8 @@ from transformers import BertConfig
 
 from hsplit_nb import models
 from hsplit_nb.adapters import add_adapters, adapter_names, read_adapter, write_adapter
-from hsplit_nb.models import family_of, load_model, model_config, tiny_model
+from hsplit_nb.architectures import family_of
+from hsplit_nb.models import load_model, model_config, tiny_model
 from hsplit_nb.split import split_model
 
 

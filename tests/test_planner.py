@@ -7,10 +7,11 @@ import torch
 from hsplit_nb.adapters import add_adapters, candidate_matrices
 from hsplit_nb.models import tiny_model
 from hsplit_nb.paper import paper_budgets, paper_configs
-from hsplit_nb.planner import (
-    ClientSpec, Dims, block_flops, client_memory, head_flops, measure_client_memory, plan, smashed_bytes,
-    step_latency, weight_bytes,
+from hsplit_nb.costs import (
+    ClientSpec, Dims, block_flops, client_memory, head_flops, measure_client_memory, smashed_bytes, weight_bytes,
 )
+from hsplit_nb.latency import step_latency
+from hsplit_nb.planner import plan
 
 RANK_SETTINGS = {
     "llama": [{"q": 2, "v": 2}, {"q": 8, "k": 4, "v": 8, "o": 2, "gate": 2, "up": 4, "down": 16},
@@ -164,7 +165,8 @@ def test_on_the_cpu_scale_preset_armsc_rounds_are_no_slower_than_everyone_at_the
     slower per round than every client at SplitLoRA's weakest-client split, nor than the step-optimal splits."""
     from hsplit_nb.config import preset
     from hsplit_nb.models import model_config
-    from hsplit_nb.planner import RoundCosts, armsc_splits, plan, round_seconds, weakest_split
+    from hsplit_nb.latency import RoundCosts, round_seconds
+    from hsplit_nb.planner import armsc_splits, plan, weakest_split
 
     cfg = preset("cpu_scale")
     config = model_config(cfg.model)

@@ -6,7 +6,9 @@ import torch
 
 from conftest import preset_fields
 from hsplit_nb.adapters import adapter_names, layer_of, lora_layer, read_adapter
-from hsplit_nb.experiment import ExperimentConfig, _Run, load_splits, run_experiment
+from hsplit_nb.clientdata import load_splits
+from hsplit_nb.config import ExperimentConfig
+from hsplit_nb.experiment import _Run, run_experiment
 from hsplit_nb.federation import SERVER_ADAPTER
 from hsplit_nb.federation.reconfiguration import plan_change
 

@@ -4,7 +4,8 @@ import torch
 
 from hsplit_nb.adapters import add_adapters, adapter_names, read_adapter, write_adapter
 from hsplit_nb.models import tiny_model
-from hsplit_nb.split import hidden_size, nbytes, num_blocks, split_model, split_step
+from hsplit_nb.architectures import hidden_size, num_blocks
+from hsplit_nb.split import nbytes, split_model, split_step
 
 
 def _randomise_adapters(model, seed=1):

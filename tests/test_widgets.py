@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from hsplit_nb.models import tiny_model
-from hsplit_nb.planner import client_memory
+from hsplit_nb.costs import client_memory
 from hsplit_nb.widgets import (
     aggregation_errors, importance_grid, iwi_panel, naa_panel, planner_panel, planner_table, replay_importance,
     split_costs, split_panel,

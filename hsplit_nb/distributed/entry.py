@@ -16,8 +16,8 @@ import torch
 import torch.distributed as dist
 
 from ..config import ExperimentConfig
-from ..experiment import _to_bytes, run_experiment
-from ..io import atomic_write_bytes, atomic_write_json
+from ..experiment import run_experiment
+from ..io import atomic_write_bytes, atomic_write_json, torch_bytes
 from .remote import RemoteClient
 from .wire import PeerLost, Wire
 from .worker import SERVER, ClientProcess
@@ -123,7 +123,7 @@ class _ServerSide:
         if self.args.dump_clients:
             state = {"touched": {n: w.clone() for n, w in server.replica.weights(sorted(server.touched)).items()},
                      "adapters": server.state()["adapters"]}
-            atomic_write_bytes(self.out / "server" / f"{method}.pt", _to_bytes(state))
+            atomic_write_bytes(self.out / "server" / f"{method}.pt", torch_bytes(state))
         server.finish(self.args.dump_clients)
 
     def wire_per_method(self) -> dict:

@@ -7,13 +7,13 @@ import signal
 import sys
 from pathlib import Path
 
-from ..data import Collator, E2EDataset, partition
-from ..experiment import _to_bytes, load_splits
+from ..clientdata import client_partitions, load_splits
+from ..data import Collator, E2EDataset
 from ..federation.clients import Client
 from ..federation.local import LocalClient
 from ..federation.messages import Away, BeginRound, End, Finish, Hello, Open, Step
 from ..federation.replica import Replica
-from ..io import atomic_write_bytes
+from ..io import atomic_write_bytes, torch_bytes
 from ..methods import get_method
 from ..models import load_model
 from .wire import Wire
@@ -29,8 +29,7 @@ class ClientProcess:
         self.name = cfg.client_names()[index]
         self.idle_timeout, self.kill_at = idle_timeout, kill_at
         splits = load_splits(cfg)
-        self.indices = partition(list(splits.train["mr"]), cfg.num_clients, cfg.partition, cfg.seed,
-                                 cfg.dirichlet_alpha, cfg.partition_attribute)[index]
+        self.indices = client_partitions(cfg, splits)[index]
         self.train_rows = splits.train
         self.method = self.client = None
         self.round = self.step_in_round = 0
@@ -54,7 +53,7 @@ class ClientProcess:
                 self.wire.send_message(SERVER, reply)
             if isinstance(msg, Finish) and msg.dump:
                 atomic_write_bytes(self.out / "clients" / self.method.name / f"{self.name}.pt",
-                                   _to_bytes(self.client.final_state()))
+                                   torch_bytes(self.client.final_state()))
 
     def _open(self, name: str) -> None:
         """One method's federation: its client stages over a fresh replica of the model."""

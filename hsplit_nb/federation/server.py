@@ -12,23 +12,25 @@ import time
 
 import numpy as np
 
-from ..adapters import adapter_names, candidate_matrices, layer_of, read_adapter, write_adapter
+from ..adapters import candidate_matrices
 from ..costs import Dims, dtype_bytes
 from ..data import Collator
 from ..importance import ImportanceTracker, resource_changes
 from ..methods import Method, PlanInputs
+from ..metrics import perplexity
 from ..latency import RoundCosts, TimeModel
 from ..planner import whole_model_bytes
-from ..split import ServerPart, nbytes, num_blocks, server_update, unwrap
-from . import boundary, checkpoint, reconfiguration
+from ..architectures import num_blocks
+from ..split import ServerPart, nbytes, server_update, unwrap
+from . import checkpoint, reconfiguration
+from .boundary import SERVER_ADAPTER, AggregationRound
 from .calibration import Calibrator
 from .clients import Client, apply_events, next_indices
 from .clock import Clock
 from .ledger import Ledger
 from .local import in_process
-from .messages import Away, Backward, BeginRound, Configure, Finish, Open, Step
+from .messages import Away, Backward, BeginRound, Finish, OptimizerState, Open, Step
 from .optimizers import ServerOptimizers
-from .boundary import SERVER_ADAPTER
 from .divergence import finite
 from .links import Links
 from .replica import Replica
@@ -53,20 +55,16 @@ class MainServer:
         self.levels = tuple(sorted(set(cfg.rank_levels)))
         self.calibrator = Calibrator(self.config, self.matrices, cfg.iwi_interval, ImportanceTracker(
             [m.name for m in self.matrices], cfg.beta_max, cfg.delta) if method.iwi else None)
-        self.aggregator = method.aggregator
         self.replica = Replica(model, cfg.seed, cfg.top_rank, cfg.alpha)
         self.clock = Clock(TimeModel.of(self.config, cfg.batch_size, cfg.seq_len, self.p, cfg.server_speed, wire=True))
-        self.touched: set[str] = set()  # matrices whose frozen weight has been merged into
-        self.global_deltas = {}  # non-merging aggregators: the global model's deltas (matrix -> Stacked)
-        self.local_step = self.generation = 0  # generation keys adapter restarts
+        self.server_opts = ServerOptimizers(self.replica, self.lr, self._server_layers)
+        self.aggregation = AggregationRound(self.replica, self.server_opts, method, self.matrices, self.p)
+        self.local_step = 0
         self.configured_state = None  # what the last plan was made from
         self.wall_time = 0.0
         self.missed: set[str] = set()  # clients that were away for an aggregation
-        self.last_reset: dict[str, int] = {}  # adapter -> generation of its last restart
-        self.merges: list = []  # (matrix, Stacked) merged at the current boundary, for the clients' messages
         self.reconfigurations: list[dict] = []  # rows of reconfigurations.csv
         self.round = self.step_in_round = 0
-        self.server_opts = ServerOptimizers(self.replica, self.lr, self._server_layers)
         self.clients_by_name = {c.name: c for c in clients}
         self.on_step = None
         self.links = Links(transport(self), on_lost)
@@ -75,6 +73,17 @@ class MainServer:
     @property
     def pm(self):
         return self.replica.pm
+
+    @property
+    def touched(self) -> set[str]:
+        return self.aggregation.touched
+
+    @property
+    def generation(self) -> int:
+        return self.aggregation.generation
+
+    def shared_matrices(self) -> list[str]:
+        return self.aggregation.shared_matrices()
 
     @property
     def sim_time(self) -> float:
@@ -118,15 +127,6 @@ class MainServer:
         perm = [int(k) for k in np.random.default_rng([self.cfg.seed, 7_777]).permutation(len(self.clients))]
         shift = self.local_step % len(perm)
         return [self.clients[k] for k in perm[shift:] + perm[:shift] if self.clients[k].present]
-
-    def shared_matrices(self) -> list[str]:
-        """The matrices that carry the main server's shared adapter set (none for the per-client variant)."""
-        return adapter_names(self.pm, SERVER_ADAPTER) if self.replica.has_adapter(SERVER_ADAPTER) else []
-
-    def device_ranks(self, c: Client) -> dict[str, int]:
-        """The ranks of the adapters on c's device."""
-        return {n: r for n, r in self.method.server.client_ranks(c.ranks, c.split_point).items()
-                if r > 0 and c.hosts(layer_of(n))}
 
     # ---- set-up and (re)configuration ----------------------------------------------------------------
 
@@ -193,8 +193,8 @@ class MainServer:
         """(Re)plan split points and ranks and restart only what changed (`reconfiguration`); tell each client.
         Returns, per client, the bytes of weights it downloads: the blocks it newly hosts and, for non-merging
         aggregators, the global deltas of its device-side matrices folded in before a restart."""
-        self.generation += 1
-        self.merges = []
+        agg = self.aggregation
+        agg.next_generation()
         present = self.present
         before = {c.name: (c.split_point, dict(c.ranks)) for c in self.clients}
         new = self._plan()
@@ -207,18 +207,17 @@ class MainServer:
         own_after = {c.name: (c.split_point, self._own(c.split_point, c.ranks)) for c in present}
         change = reconfiguration.plan_change([m.name for m in self.matrices], own_before, own_after, server_before,
                                              server_after, initial)
-        downloads = {} if initial else boundary.fold_changed(self, change.matrices, before)
+        downloads = {} if initial else agg.fold_changed(present, change.matrices, before)
         for c in present:
             s0 = before[c.name][0]
             if not initial and c.split_point > s0 and self.method.splits:
                 downloads[c.name] = downloads.get(c.name, 0) + (c.split_point - s0) * self.dims.block_params * self.p
-        self._restart_clients(change)
+        agg.restart_clients(self.clients, change)
         if self.method.server.shared and (initial or server_after != server_before):
-            self._rebuild_shared(server_after, change.server_kept)
+            agg.rebuild_shared(server_after, change.server_kept)
         else:  # the same matrices at the same ranks: the set stays, only its changed matrices restart in place
             for n in change.server_restarted:
-                self.replica.restart(n, SERVER_ADAPTER, self.generation)
-                self.server_opts.forget(SERVER_ADAPTER, n)
+                agg.restart(n, SERVER_ADAPTER)
         budgets, present_names = self._state_for_trigger()
         if self.calibrator.ready:
             self.tracker.configured(budgets, present_names)
@@ -227,46 +226,15 @@ class MainServer:
         self.reconfigurations += reconfiguration.record(self.round, cause, shift, own_before, own_after,
                                                         server_before, server_after, change)
         for c in present:
-            self.links.post(c, self._configure_message(c, before[c.name], initial, change))
+            old = before[c.name][0]
+            grown = range(old, c.split_point) if not initial and self.method.splits and c.split_point > old else []
+            self.links.post(c, agg.configure_message(c, old, grown, initial or c.name in change.rebuilt,
+                                                     change.matrices))
         return downloads
-
-    def _restart_clients(self, change) -> None:
-        """Rebuild the clients' own adapters whose ranks changed; restart the changed matrices of the others."""
-        for c in self.clients:
-            if c.name in change.rebuilt:
-                self.replace_adapter(c.name, self.method.server.client_ranks(c.ranks, c.split_point))
-            elif self.replica.has_adapter(c.name):
-                for n in sorted(change.matrices & set(adapter_names(self.pm, c.name))):
-                    self.replica.restart(n, c.name, self.generation)
-                    self.server_opts.forget(c.name, n)
-
-    def _rebuild_shared(self, ranks: dict[str, int], kept: list[str]) -> None:
-        """Build the shared set at `ranks`; the `kept` matrices keep their factors and Adam state."""
-        factors = {n: read_adapter(self.pm, n, SERVER_ADAPTER) for n in kept}
-        moments = self.server_opts.moments(SERVER_ADAPTER, kept)
-        self.replace_adapter(SERVER_ADAPTER, ranks)
-        for n, f in factors.items():
-            write_adapter(self.pm, n, f.A, f.B, SERVER_ADAPTER)
-        self.server_opts.restore(SERVER_ADAPTER, moments)
-
-    def _configure_message(self, c: Client, before, initial: bool, change) -> Configure:
-        old = before[0]
-        grown = range(old, c.split_point) if not initial and self.method.splits and c.split_point > old else []
-        folds = [(n, st.B, st.A) for n, st in self.merges if layer_of(n) < old]
-        rebuild = initial or c.name in change.rebuilt
-        restarts = [] if rebuild else sorted(n for n in change.matrices if c.hosts(layer_of(n))
-                                             and self.device_ranks(c).get(n, 0))
-        return Configure(c.split_point, self.device_ranks(c), self.generation, rebuild=rebuild, restarts=restarts,
-                         folds=folds, blocks=[self.replica.block_tensors(layer) for layer in grown])
 
     def _server_layers(self, adapter: str):
         """The blocks of an adapter the server trains: all of the shared set, a client's own copy past its split."""
         return None if adapter == SERVER_ADAPTER else range(self.clients_by_name[adapter].split_point, self.L)
-
-    def replace_adapter(self, name: str, ranks: dict[str, int]) -> None:
-        self.server_opts.pop(name, None)
-        if self.replica.replace_adapter(name, ranks, self.generation):
-            self.last_reset[name] = self.generation
 
     # ---- round boundary: events and reconfiguration ------------------------------------------------
 
@@ -282,8 +250,8 @@ class MainServer:
         downloads: dict[str, int] = {}
         for c in returned:
             if c.name in self.missed:
-                downloads[c.name] = boundary.catch_up_bytes(self, c)
-                self.links.post(c, boundary.catch_up_message(self, c))
+                downloads[c.name] = self.aggregation.catch_up_bytes(c)
+                self.links.post(c, self.aggregation.catch_up_message(c))
                 self.missed.discard(c.name)
         reasons = list(self.pending)
         if self.configured_state is not None:
@@ -323,7 +291,7 @@ class MainServer:
                 lost = "; ".join(f"{k}: {v}" for k, v in self.links.lost.items())
                 raise RuntimeError(f"round {r}, local step {self.step_in_round}: every client is lost ({lost}); the "
                                    "federation cannot go on; start the same command again to resume")
-        sim += boundary.aggregate(self, ledger)
+        sim += self.aggregation.aggregate(self.clients, self.links, ledger)
         self.missed |= {c.name for c in self.clients if not c.present}
         self.clock.seconds += sim
         self.wall_time += time.perf_counter() - start
@@ -383,11 +351,45 @@ class MainServer:
 
     # ---- IWI, evaluation, bookkeeping, checkpoints ----------------------------------------------------
 
-    global_model = boundary.global_model
-    evaluate_ppl = boundary.evaluate_ppl
-    trainable_params = boundary.trainable_params
-    state = checkpoint.server_state
-    load_state = checkpoint.load_server_state
+    def global_model(self):
+        return self.aggregation.global_model()
+
+    def evaluate_ppl(self, batches) -> float:
+        with self.global_model() as model:
+            return perplexity(model, batches, self.device)
+
+    def trainable_params(self) -> tuple[int, int]:
+        return self.aggregation.trainable_params(self.clients, self.L)
+
+    def state(self) -> dict:
+        """Everything needed to resume after this round boundary: each part's state, the clients' records and
+        their device optimizers (asked), the random generators."""
+        optimizers = {c.name: self.links.ask(c, OptimizerState()) for c in self.clients if not c.excluded}
+        return {**self.aggregation.state_dict(), "clients": checkpoint.client_records(self.clients),
+                "missed": sorted(self.missed), "calibrator": self.calibrator.state_dict(),
+                "local_step": self.local_step, "configured_state": self.configured_state,
+                "clock": self.clock.state_dict(), "wall_time": self.wall_time,
+                "server_optimizers": self.server_opts.state_dict(),
+                "client_optimizers": {n: None if r is None else r.state for n, r in optimizers.items()},
+                "rng": checkpoint.rng_state(), "reconfigurations": list(self.reconfigurations)}
+
+    def load_state(self, state: dict) -> None:
+        """Restore a state written by `state` into a server built from the same configuration; every client
+        gets what it held (`Sync`)."""
+        self.missed = set(state["missed"])
+        checkpoint.load_client_records(self.clients, state["clients"])
+        self.aggregation.load_state_dict(state)
+        self.calibrator.load_state_dict(state["calibrator"])
+        self.local_step, self.configured_state = state["local_step"], state["configured_state"]
+        self.clock.load_state_dict(state["clock"])
+        self.wall_time, self.reconfigurations = state["wall_time"], list(state["reconfigurations"])
+        self.server_opts.load_state_dict(state["server_optimizers"])
+        checkpoint.load_rng_state(state["rng"])
+        self.links.mark_lost(self.clients)
+        self.open_clients()
+        for c in self.clients:
+            if not c.excluded:
+                self.links.post(c, self.aggregation.sync_message(c, state["client_optimizers"].get(c.name)))
 
     def finish(self, dump: bool) -> None:
         """End of this method's rounds: live client processes may write their final state (for checks)."""
