@@ -217,6 +217,39 @@ class Aggregator:
                  "down": ((total_rank if self.merges else r) * per_rank) if dev else 0}
                 for r, dev in zip(ranks, on_device)]
 
+    def hosting_download(self, total_rank: int, d_in: int, d_out: int, bytes_per_value: int = 4) -> int:
+        """What a client hosting a layer without an adapter on the matrix downloads: a merge it must apply too."""
+        return total_rank * (d_in + d_out) * bytes_per_value if self.merges else 0
+
+    def share(self, has_device_adapter: bool) -> tuple[bool, bool]:
+        """What a client gets after an aggregation, or on its return from an absence: (its device adapter
+        restarts, its new device factors are sent)."""
+        return has_device_adapter and self.merges, has_device_adapter and not self.merges
+
+    def return_bytes(self, merged_weight_bytes: int, device_factor_bytes: int) -> int:
+        """What a returning client downloads: the merged weights of its device side, and its device factors
+        where the rule sends factors rather than restarting."""
+        return merged_weight_bytes + (0 if self.merges else device_factor_bytes)
+
+    def traffic(self, matrices, device_ranks: list[dict[str, int]], splits: list[int], server_rank: int) -> list[int]:
+        """ARMSC's model of one aggregation: per client, the bytes up and down (`communication` per matrix, and
+        `hosting_download`), for clients at `splits` with `device_ranks`, and the server's shared copy at
+        `server_rank` as one more holder of every layer some client's server part contains."""
+        out = [0] * len(splits)
+        for m in matrices:
+            holders = [k for k, s in enumerate(splits) if m.layer < s and device_ranks[k].get(m.name, 0) > 0]
+            if not holders:
+                continue
+            ranks = [device_ranks[k][m.name] for k in holders]
+            copy = server_rank if any(m.layer >= s for s in splits) else 0
+            comm = self.communication(ranks + [copy], m.d_in, m.d_out, [True] * len(ranks) + [False])
+            for k, cb in zip(holders, comm):
+                out[k] += cb["up"] + cb["down"]
+            for k, s in enumerate(splits):
+                if m.layer < s and k not in holders:
+                    out[k] += self.hosting_download(sum(ranks) + copy, m.d_in, m.d_out)
+        return out
+
 
 AGGREGATORS = {a.name: a for a in [
     Aggregator("naa", naa_aggregate, merges=True),

@@ -2,7 +2,7 @@
 
 c_k = f * s_k * flops_block / F_k + bytes_k / b_k;  S = f * sum_k ((L - s_k) * flops_block + flops_head) / F_server;
 T = max(max_k c_k, S), with f = CALIBRATION_STEP_FACTOR in a step IWI rides on, else 1. A round is its steps plus
-the slowest client's aggregation traffic. ARMSC's search and the federation's clock both ask one `TimeModel`, so
+the slowest client's aggregation traffic (the aggregator's own model of it). ARMSC's search and the federation's clock both ask one `TimeModel`, so
 within a federation ARMSC minimises what the clock charges. The bytes a client moves across the cut per step are
 the spec's 2 x bytes(smashed) by default; the federation's model counts what its wire moves (the mask and labels
 go up beside the smashed data as int64, and a calibrating step's scores as float64).
@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from .adapters import candidate_matrices
+from .aggregation import AGGREGATORS, Aggregator
 from .costs import (
     CALIBRATION_STEP_FACTOR, ClientSpec, Dims, block_flops, default_server_speed, dtype_bytes, head_flops, smashed_bytes,
 )
@@ -30,6 +31,7 @@ class RoundCosts:
     local_steps: int
     calibrations: float = 0.0
     server_rank: int = 16  # the rank of the server's shared copy where it joins an aggregation
+    aggregator: Aggregator = AGGREGATORS["naa"]  # whose traffic an aggregation moves
 
 
 @dataclass(frozen=True)
@@ -94,25 +96,6 @@ class TimeModel:
             self.transfer((b, c.bandwidth) for b, c in zip(traffic, specs))
 
 
-def aggregation_bytes(matrices, device_ranks: list[dict[str, int]], splits: list[int], server_rank: int) -> list[int]:
-    """Per client, the adapter bytes of one aggregation (fp32 factors): its device-side factors up, and for every
-    layer it hosts B_cat and A_cat of all holders (the clients hosting it, and the server's copy where some
-    client's server part contains it, at `server_rank`) down."""
-    out = []
-    for k, s in enumerate(splits):
-        up = sum(device_ranks[k].get(m.name, 0) * m.rank1_cost for m in matrices if m.layer < s)
-        down = 0
-        for m in matrices:
-            if m.layer >= s:
-                continue
-            total = sum(r.get(m.name, 0) for r, sj in zip(device_ranks, splits) if m.layer < sj)
-            if total and any(m.layer >= sj for sj in splits):
-                total += server_rank
-            down += total * m.rank1_cost
-        out.append(4 * (up + down))
-    return out
-
-
 def step_latency(config, split_points, speeds, bandwidths, server_speed: float, batch_size: int, seq_len: int,
                  dtype=torch.float32) -> dict:
     """One local step of the whole federation under the spec's model (seconds), for clients of the given speeds
@@ -127,5 +110,5 @@ def round_seconds(config, clients, splits, device_ranks, speeds, server_speed, b
     clients at `speeds`, with the aggregation traffic of `device_ranks`."""
     tm = time_model or TimeModel.of(config, batch_size, seq_len, dtype_bytes(p), server_speed)
     specs = [ClientSpec(c.name, c.memory, f, c.bandwidth) for c, f in zip(clients, speeds)]
-    traffic = aggregation_bytes(matrices or candidate_matrices(config), device_ranks, splits, costs.server_rank)
+    traffic = costs.aggregator.traffic(matrices or candidate_matrices(config), device_ranks, splits, costs.server_rank)
     return tm.round(splits, specs, traffic, costs)

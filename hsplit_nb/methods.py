@@ -8,6 +8,7 @@ themselves live in planner.py, beside ARMSC.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -34,6 +35,13 @@ class PlanInputs:
     server_adapter_budget: float | None = None  # bytes for the main server's shared adapter set (None: top rank)
     round_costs: object = None   # latency.RoundCosts: ARMSC minimises a round's time (None: one step's)
     time: object = None          # latency.TimeModel the federation's clock charges (None: the spec's at server_speed)
+
+    @functools.cached_property
+    def problem(self) -> planner.Problem:
+        """ARMSC's one problem for this boundary, shared by the split and the rank policy."""
+        return planner.Problem.of(self.config, self.specs, self.importance, self.batch_size, self.seq_len,
+                                  self.levels, self.dtype_bytes, self.headroom, self.server_speed, self.round_costs,
+                                  self.time)
 
 
 @dataclass(frozen=True)
@@ -83,16 +91,11 @@ class ServerAdapterPolicy:
 
 
 def _armsc_splits(x: PlanInputs) -> list[int]:
-    if x.fixed_splits is not None:
-        return list(x.fixed_splits)
-    return planner.armsc_splits(x.config, x.specs, x.importance, x.batch_size, x.seq_len, x.levels, x.dtype_bytes,
-                                x.headroom, x.server_speed, x.round_costs, x.time)
+    return list(x.fixed_splits) if x.fixed_splits is not None else x.problem.splits()
 
 
 def _armsc_ranks(x: PlanInputs, splits) -> list[dict[str, int]]:
-    out = planner.plan(x.config, x.specs, x.importance, x.batch_size, x.seq_len, x.levels, x.dtype_bytes, x.headroom,
-                       x.server_speed, fixed_split_points=list(splits))
-    return [cp.ranks for cp in out.clients]
+    return [cp.ranks for cp in x.problem.plan(x.problem.check_fixed(list(splits))).clients]
 
 
 def _armsc_server_ranks(x: PlanInputs, ranks, server_side) -> dict[str, int]:

@@ -7,6 +7,7 @@ split (`budget_order_ranks`), and the strict-memory charge of a whole model (`wh
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -14,12 +15,11 @@ import pandas as pd
 import torch
 
 from .adapters import Matrix, candidate_matrices, layer_of
-from .architectures import num_blocks
 from .costs import (
     ADAPTER_COPIES_BYTES, ClientMemory, ClientSpec, Dims, activation_bytes, adapter_bytes, client_memory,
     default_server_speed, dtype_bytes, uniform_budget, weight_bytes,
 )
-from .latency import RoundCosts, TimeModel, aggregation_bytes
+from .latency import RoundCosts, TimeModel
 
 DEFAULT_RANK_LEVELS = (0, 2, 4, 8, 16)
 
@@ -128,92 +128,143 @@ def _importance(matrices, importance) -> dict[str, float]:
     return importance
 
 
-def _feasible(config, clients, matrices, importance, batch_size, seq_len, r_min, p, headroom) -> list[list[int]]:
-    """Per client, the split points at which the smallest useful configuration (rank r_min on the most
-    important device-side matrix) fits its budget; an error names the first client that fits none."""
-    L = num_blocks(config)
+@dataclass
+class Problem:
+    """One planning: the clients' budgets and speeds, importance (None: uniform), the batch, the rank levels, the
+    time model and what a round costs (None: ARMSC minimises one step). The candidates, each client's feasible
+    splits and its device ranks at a split are built once, and shared by the split search and the rank plan."""
+    config: object
+    clients: list
+    importance: dict | None
+    batch_size: int
+    seq_len: int
+    levels: tuple
+    p: int
+    headroom: float
+    time: TimeModel
+    round_costs: RoundCosts | None = None
 
-    def min_memory(s: int) -> int:
-        device = [m for m in matrices if m.layer < s]
-        top = max(device, key=lambda m: (importance.get(m.name, 0.0), -m.layer))
-        return client_memory(config, s, {top.name: r_min}, batch_size, seq_len, p)
+    def __post_init__(self):
+        self.matrices = candidate_matrices(self.config)
+        self.dims = Dims.of(self.config)
+        self.importance = _importance(self.matrices, self.importance)
+        self._ranks: dict = {}
 
-    min_mem = {s: min_memory(s) for s in range(1, L)}
-    feasible = []
-    for c in clients:
-        fits = [s for s in range(1, L) if min_mem[s] <= (1 - headroom) * c.memory]
-        if not fits:
-            need = min_mem[1] / (1 - headroom)
-            raise ValueError(f"client {c.name!r}: budget {c.memory / 1e9:.3f} GB ({c.memory:.0f} bytes) fits no split "
-                             f"point; the smallest budget that fits is {need / 1e9:.3f} GB ({math.ceil(need)} bytes, "
-                             f"split point 1 with headroom {headroom})")
-        feasible.append(fits)
-    return feasible
+    @classmethod
+    def of(cls, config, clients, importance=None, batch_size: int = 8, seq_len: int = 64,
+           rank_levels=DEFAULT_RANK_LEVELS, dtype=torch.float32, headroom: float = 0.1, server_speed=None,
+           round_costs: RoundCosts | None = None, time_model: TimeModel | None = None) -> "Problem":
+        """A problem from a config and client specs, its inputs checked; the time model is the caller's (a
+        federation's, shared with its clock), else the spec's at `server_speed` (default 10x the fastest)."""
+        config = getattr(config, "config", config)
+        levels = _check_inputs(clients, rank_levels, headroom, batch_size, seq_len, server_speed)
+        p = dtype_bytes(dtype)
+        tm = time_model or TimeModel.of(config, batch_size, seq_len, p,
+                                        server_speed or default_server_speed([c.flops for c in clients]))
+        return cls(config, list(clients), importance, batch_size, seq_len, levels, p, headroom, tm, round_costs)
 
+    def at(self, clients, time: TimeModel, round_costs: RoundCosts | None) -> "Problem":
+        """The same budgets under other speeds, links or round costs, sharing what depends on budgets alone."""
+        if [c.memory for c in clients] != [c.memory for c in self.clients]:
+            raise ValueError("Problem.at keeps the budgets; build a new Problem for other budgets")
+        other = Problem(self.config, list(clients), self.importance, self.batch_size, self.seq_len, self.levels,
+                        self.p, self.headroom, time, round_costs)
+        other._ranks, other.__dict__["feasible"] = self._ranks, self.feasible
+        return other
 
-def _sweep(tm: TimeModel, clients, feasible):
-    """ARMSC's candidate split vectors: for each bound T on a client's step time (ascending), every client takes
-    its deepest fitting split with c_k <= T."""
-    def c_time(k: int, s: int) -> float:
-        return tm.client(s, clients[k], tm.moved(s))
+    @functools.cached_property
+    def feasible(self) -> list[list[int]]:
+        """Per client, the split points at which the smallest useful configuration (the lowest positive rank on
+        the most important device-side matrix) fits its budget; an error names the first client that fits none."""
+        def min_memory(s: int) -> int:
+            top = max((m for m in self.matrices if m.layer < s), key=lambda m: (self.importance.get(m.name, 0.0),
+                                                                                  -m.layer))
+            return client_memory(self.config, s, {top.name: self.levels[1]}, self.batch_size, self.seq_len, self.p)
 
-    for T in sorted({c_time(k, s) for k in range(len(clients)) for s in feasible[k]}):
-        yield [max([s for s in feasible[k] if c_time(k, s) <= T * (1 + 1e-12)], default=feasible[k][0])
-               for k in range(len(clients))]
+        min_mem = {s: min_memory(s) for s in range(1, self.dims.n_layers)}
+        out = []
+        for c in self.clients:
+            fits = [s for s in min_mem if min_mem[s] <= (1 - self.headroom) * c.memory]
+            if not fits:
+                need = min_mem[1] / (1 - self.headroom)
+                raise ValueError(f"client {c.name!r}: budget {c.memory / 1e9:.3f} GB ({c.memory:.0f} bytes) fits no "
+                                 f"split point; the smallest budget that fits is {need / 1e9:.3f} GB "
+                                 f"({math.ceil(need)} bytes, split point 1 with headroom {self.headroom})")
+            out.append(fits)
+        return out
 
+    def device_ranks(self, k: int, s: int) -> tuple[dict[str, int], int]:
+        """ARMSC's greedy device-side ranks of client k at split s, and its predicted memory (computed once)."""
+        if (k, s) not in self._ranks:
+            mem = ClientMemory(self.config, self.dims, s, self.batch_size, self.seq_len, self.p)
+            room = (1 - self.headroom) * self.clients[k].memory - mem.total()
+            ranks = _greedy([m for m in self.matrices if m.layer < s], self.importance, self.levels, room, mem.extra,
+                            mem.apply)
+            self._ranks[k, s] = (ranks, mem.total())
+        return self._ranks[k, s]
 
-def _search_splits(tm: TimeModel, clients, feasible) -> list[int]:
-    """The sweep's vector of the lowest step time, evaluated exactly; ties go to the larger T (deeper splits)."""
-    best = None
-    for splits in _sweep(tm, clients, feasible):
-        t = tm.step(splits, clients)["step"]
-        if best is None or t <= best[0] * (1 + 1e-12):
-            best = (t, splits)
-    return best[1]
+    def _sweep(self):
+        """ARMSC's candidate split vectors: for each bound T on a client's step time (ascending), every client
+        takes its deepest fitting split with c_k <= T."""
+        tm, clients, feasible = self.time, self.clients, self.feasible
 
+        def c_time(k: int, s: int) -> float:
+            return tm.client(s, clients[k], tm.moved(s))
 
-def _device_ranks(config, dims, client: ClientSpec, s: int, matrices, importance, levels, batch_size, seq_len, p,
-                  headroom) -> tuple[dict[str, int], int]:
-    """ARMSC's greedy device-side ranks of one client at split s, and its predicted memory."""
-    mem = ClientMemory(config, dims, s, batch_size, seq_len, p)
-    room = (1 - headroom) * client.memory - mem.total()
-    ranks = _greedy([m for m in matrices if m.layer < s], importance, levels, room, mem.extra, mem.apply)
-    return ranks, mem.total()
+        for T in sorted({c_time(k, s) for k in range(len(clients)) for s in feasible[k]}):
+            yield [max([s for s in feasible[k] if c_time(k, s) <= T * (1 + 1e-12)], default=feasible[k][0])
+                   for k in range(len(clients))]
 
+    def seconds(self, splits: list[int]) -> float:
+        """What ARMSC minimises for a split vector: a round's time (as the clock charges it) or one step's."""
+        if self.round_costs is None:
+            return self.time.step(splits, self.clients)["step"]
+        costs = self.round_costs
+        traffic = costs.aggregator.traffic(self.matrices, [self.device_ranks(k, s)[0] for k, s in enumerate(splits)],
+                                           splits, costs.server_rank)
+        return self.time.round(splits, self.clients, traffic, costs)
 
-def _search_round(tm: TimeModel, clients, feasible, costs: RoundCosts, ranks_at, matrices) -> list[int]:
-    """The sweep's vectors judged by the time of a whole round; ties go to the deeper splits. `ranks_at(k, s)`
-    gives client k's device ranks at split s (cached by the caller)."""
-    best, seen = None, set()
-    for splits in _sweep(tm, clients, feasible):
-        if tuple(splits) in seen:
-            continue
-        seen.add(tuple(splits))
-        traffic = aggregation_bytes(matrices, [ranks_at(k, s) for k, s in enumerate(splits)], splits,
-                                    costs.server_rank)
-        t = tm.round(splits, clients, traffic, costs)
-        if best is None or t <= best[0] * (1 + 1e-12):
-            best = (t, splits)
-    return best[1]
+    def splits(self) -> list[int]:
+        """The swept vector of the lowest time; ties go to the larger bound, i.e. the deeper splits."""
+        best, seen = None, set()
+        for splits in self._sweep():
+            if tuple(splits) in seen:
+                continue
+            seen.add(tuple(splits))
+            t = self.seconds(splits)
+            if best is None or t <= best[0] * (1 + 1e-12):
+                best = (t, splits)
+        return best[1]
 
+    def check_fixed(self, fixed_split_points) -> list[int]:
+        if len(fixed_split_points) != len(self.clients):
+            raise ValueError(f"fixed_split_points needs one split per client ({len(self.clients)}), "
+                             f"got {len(fixed_split_points)}")
+        for k, s in enumerate(fixed_split_points):
+            if s not in self.feasible[k]:
+                raise ValueError(f"client {self.clients[k].name!r}: fixed split point {s} does not fit its budget "
+                                 f"(fitting split points: {self.feasible[k][0]}..{self.feasible[k][-1]})")
+        return list(fixed_split_points)
 
-def _check_fixed(clients, fixed_split_points, feasible) -> list[int]:
-    if len(fixed_split_points) != len(clients):
-        raise ValueError(f"fixed_split_points needs one split per client ({len(clients)}), "
-                         f"got {len(fixed_split_points)}")
-    for k, s in enumerate(fixed_split_points):
-        if s not in feasible[k]:
-            raise ValueError(f"client {clients[k].name!r}: fixed split point {s} does not fit its budget "
-                             f"(fitting split points: {feasible[k][0]}..{feasible[k][-1]})")
-    return list(fixed_split_points)
-
-
-def _time_model(config, clients, batch_size, seq_len, p, server_speed, time_model) -> TimeModel:
-    """The time model a planning asks: the caller's (a federation's, shared with its clock), else the spec's at
-    `server_speed` (default 10x the fastest of `clients`)."""
-    if time_model is not None:
-        return time_model
-    return TimeModel.of(config, batch_size, seq_len, p, server_speed or default_server_speed([c.flops for c in clients]))
+    def plan(self, splits: list[int], server_adapter_budget: float | None = None) -> "Plan":
+        """Splits and ranks together: each client's device ranks (computed once), server-side ranks under a
+        per-client adapter budget (default: the richest client's device adapters), and the step's timing."""
+        device = [self.device_ranks(k, s) for k, s in enumerate(splits)]
+        if server_adapter_budget is None:
+            richest = max(range(len(self.clients)), key=lambda k: self.clients[k].memory)
+            server_adapter_budget = adapter_bytes(self.config, device[richest][0])
+        timing = self.time.step(splits, self.clients)
+        out = []
+        for k, (c, s) in enumerate(zip(self.clients, splits)):
+            server = _server_ranks([m for m in self.matrices if m.layer >= s], self.importance, self.levels,
+                                   server_adapter_budget)
+            ranks = {**device[k][0], **server}
+            out.append(ClientPlan(c.name, s, ranks, device[k][1], c.memory, timing["clients"][k],
+                                  adapter_bytes(self.config, ranks, range(s, self.dims.n_layers))))
+        return Plan(out, timing["step"], timing["server"],
+                    {"batch_size": self.batch_size, "seq_len": self.seq_len, "rank_levels": self.levels,
+                     "dtype_bytes": self.p, "headroom": self.headroom, "server_speed": self.time.server_speed,
+                     "client_speeds": [c.flops for c in self.clients], "server_adapter_budget": server_adapter_budget})
 
 
 def armsc_splits(config, clients: list[ClientSpec], importance: dict[str, float] | None = None, batch_size: int = 8,
@@ -223,23 +274,8 @@ def armsc_splits(config, clients: list[ClientSpec], importance: dict[str, float]
     """ARMSC's split points alone under every client's memory: the lowest time of a round when `round_costs`
     is given (local steps, calibrations and aggregation traffic, as the clock charges them), else the lowest
     step latency (see `plan`)."""
-    config = getattr(config, "config", config)
-    p, levels = dtype_bytes(dtype), _check_inputs(clients, rank_levels, headroom)
-    matrices = candidate_matrices(config)
-    importance = _importance(matrices, importance)
-    feasible = _feasible(config, clients, matrices, importance, batch_size, seq_len, levels[1], p, headroom)
-    tm = _time_model(config, clients, batch_size, seq_len, p, server_speed, time_model)
-    if round_costs is None:
-        return _search_splits(tm, clients, feasible)
-    dims, cache = Dims.of(config), {}
-
-    def ranks_at(k: int, s: int) -> dict[str, int]:
-        if (k, s) not in cache:
-            cache[k, s] = _device_ranks(config, dims, clients[k], s, matrices, importance, levels, batch_size,
-                                        seq_len, p, headroom)[0]
-        return cache[k, s]
-
-    return _search_round(tm, clients, feasible, round_costs, ranks_at, matrices)
+    return Problem.of(config, clients, importance, batch_size, seq_len, rank_levels, dtype, headroom, server_speed,
+                      round_costs, time_model).splits()
 
 
 def _server_ranks(server_side: list[Matrix], importance, levels, budget: float) -> dict[str, int]:
@@ -265,38 +301,9 @@ def plan(config, clients: list[ClientSpec], importance: dict[str, float] | None 
     `importance` maps matrix names to Ibar (None: uniform). `fixed_split_points` skips the split search
     (used by ablations). Returns one ClientPlan per client.
     """
-    config = getattr(config, "config", config)
-    dims, p = Dims.of(config), dtype_bytes(dtype)
-    levels = _check_inputs(clients, rank_levels, headroom, batch_size, seq_len, server_speed)
-    matrices = candidate_matrices(config)
-    importance = _importance(matrices, importance)
-    speeds = [c.flops for c in clients]
-    server_speed = server_speed or default_server_speed(speeds)
-    feasible = _feasible(config, clients, matrices, importance, batch_size, seq_len, levels[1], p, headroom)
-    tm = _time_model(config, clients, batch_size, seq_len, p, server_speed, None)
-    splits = _check_fixed(clients, fixed_split_points, feasible) if fixed_split_points is not None else \
-        _search_splits(tm, clients, feasible)
-    # ranks: device side under each client's memory; server side under a per-client adapter budget
-    plans_device, memories = [], []
-    for c, s in zip(clients, splits):
-        ranks, memory = _device_ranks(config, dims, c, s, matrices, importance, levels, batch_size, seq_len, p,
-                                      headroom)
-        plans_device.append(ranks)
-        memories.append(memory)
-    if server_adapter_budget is None:
-        richest_k = max(range(len(clients)), key=lambda k: clients[k].memory)
-        server_adapter_budget = adapter_bytes(config, plans_device[richest_k])
-    timing = tm.step(splits, clients)
-    out = []
-    for k, (c, s) in enumerate(zip(clients, splits)):
-        server = _server_ranks([m for m in matrices if m.layer >= s], importance, levels, server_adapter_budget)
-        ranks = {**plans_device[k], **server}
-        out.append(ClientPlan(c.name, s, ranks, memories[k], c.memory, timing["clients"][k],
-                              adapter_bytes(config, ranks, range(s, dims.n_layers))))
-    return Plan(out, timing["step"], timing["server"],
-                {"batch_size": batch_size, "seq_len": seq_len, "rank_levels": levels, "dtype_bytes": p,
-                 "headroom": headroom, "server_speed": server_speed, "client_speeds": speeds,
-                 "server_adapter_budget": server_adapter_budget})
+    problem = Problem.of(config, clients, importance, batch_size, seq_len, rank_levels, dtype, headroom, server_speed)
+    splits = problem.splits() if fixed_split_points is None else problem.check_fixed(fixed_split_points)
+    return problem.plan(splits, server_adapter_budget)
 
 
 def shared_server_ranks(server_side: list[Matrix], importance: dict[str, float] | None, rank_levels,

@@ -15,9 +15,9 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from . import planner
-from .adapters import candidate_matrices, layer_of
-from .costs import FLOPS_PER_BUDGET_BYTE, ClientSpec, Dims, dtype_bytes
-from .latency import RoundCosts, round_seconds, step_latency
+from .adapters import layer_of
+from .costs import FLOPS_PER_BUDGET_BYTE, ClientSpec, dtype_bytes
+from .latency import RoundCosts, TimeModel, round_seconds, step_latency
 
 METHODS = ("hsplitlora", "splitlora")
 
@@ -36,31 +36,20 @@ class Fixed:
 
 
 class _Budgets:
-    """One budget set's clients and the device ranks ARMSC would give each client at each split (cached: they do
-    not depend on speeds or round length, and computing them is most of a plan's cost)."""
+    """One budget set's clients and ARMSC's problem over them: the feasible splits and the device ranks of each
+    client at each split are built once (they do not depend on speeds or round length, and computing them is
+    most of a plan's cost) and shared by every point of the map."""
 
     def __init__(self, fixed: Fixed, budgets: list[float]):
         self.fixed, self.budgets = fixed, list(budgets)
         self.levels = tuple(sorted(set(fixed.rank_levels)))
-        self.matrices = candidate_matrices(fixed.config)
-        self.importance = {m.name: 1.0 for m in self.matrices}
-        self.dims = Dims.of(fixed.config)
-        specs = self.specs(1e8)
-        self.feasible = planner._feasible(fixed.config, specs, self.matrices, self.importance, fixed.batch_size,
-                                          fixed.seq_len, self.levels[1], fixed.dtype_bytes, fixed.headroom)
-        self._ranks: dict = {}
+        self.problem = planner.Problem.of(fixed.config, self.specs(1e8), None, fixed.batch_size, fixed.seq_len,
+                                          self.levels, fixed.dtype_bytes, fixed.headroom)
+        self.matrices = self.problem.matrices
 
     def specs(self, bandwidth: float) -> list[ClientSpec]:
         f = self.fixed.flops_per_budget_byte
         return [ClientSpec(f"c{k}", b, f * b, bandwidth) for k, b in enumerate(self.budgets)]
-
-    def ranks_at(self, k: int, s: int) -> dict[str, int]:
-        if (k, s) not in self._ranks:
-            fx = self.fixed
-            self._ranks[k, s] = planner._device_ranks(fx.config, self.dims, self.specs(1e8)[k], s, self.matrices,
-                                                      self.importance, self.levels, fx.batch_size, fx.seq_len,
-                                                      fx.dtype_bytes, fx.headroom)[0]
-        return self._ranks[k, s]
 
 
 def _row(b: _Budgets, method: str, splits: list[int], ranks: list[dict], specs, server: float, costs: RoundCosts):
@@ -82,9 +71,9 @@ def _point(b: _Budgets, server_ratio: float, bandwidth: float, local_steps: int)
     server = server_ratio * max(c.flops for c in specs)
     calibrations = local_steps / (fx.iwi_interval or local_steps)
     h_costs = RoundCosts(local_steps, calibrations, b.levels[-1])
-    h_splits = planner._search_round(fx.config, specs, b.feasible, [c.flops for c in specs], server, fx.batch_size,
-                                     fx.seq_len, fx.dtype_bytes, h_costs, b.ranks_at)
-    h_ranks = [b.ranks_at(k, s) for k, s in enumerate(h_splits)]
+    problem = b.problem.at(specs, TimeModel.of(fx.config, fx.batch_size, fx.seq_len, fx.dtype_bytes, server), h_costs)
+    h_splits = problem.splits()
+    h_ranks = [problem.device_ranks(k, s)[0] for k, s in enumerate(h_splits)]
     s = planner.weakest_split(fx.config, specs, fx.batch_size, fx.seq_len, b.levels, fx.dtype_bytes, fx.headroom,
                               server)
     r = planner.uniform_rank(fx.config, min(b.budgets), s, fx.batch_size, fx.seq_len, b.levels, fx.dtype_bytes,

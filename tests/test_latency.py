@@ -7,7 +7,7 @@ from hsplit_nb.clientdata import load_splits
 from hsplit_nb.config import ExperimentConfig
 from hsplit_nb.experiment import _Run
 from hsplit_nb.federation import Clock
-from hsplit_nb.latency import TimeModel, aggregation_bytes, round_seconds
+from hsplit_nb.latency import TimeModel, round_seconds
 from hsplit_nb.planner import armsc_splits
 
 # the CPU-scale preset (five clients, batch 8, 4 local steps, one calibration per round) on the tiny model, with
@@ -18,18 +18,20 @@ CPU_SCALE = preset_fields("cpu_scale", model="tiny-llama", seq_len=256, budget_u
                           max_new_tokens=4, final_metrics=False)
 
 
-def _first_round(**overrides):
-    cfg = ExperimentConfig(**{**CPU_SCALE, **overrides}, methods=["hsplitlora"])
-    run = _Run(cfg, "hsplitlora", load_splits(cfg), None)
+def _first_round(method="hsplitlora", **overrides):
+    cfg = ExperimentConfig(**{**CPU_SCALE, **overrides}, methods=[method])
+    run = _Run(cfg, method, load_splits(cfg), None)
     rows, client_rows = [], []
     run.run(rows, client_rows, lambda *a: None)
     return cfg, run.fed, rows, client_rows
 
 
-@pytest.mark.parametrize("speeds", [None, [1e9, 1.5e9, 2e9, 2.5e9, 3e9]])
-def test_armscs_predicted_round_time_is_the_round_time_the_clock_charges(speeds):
+@pytest.mark.parametrize("method,speeds", [("hsplitlora", None), ("hsplitlora", [1e9, 1.5e9, 2e9, 2.5e9, 3e9]),
+                                          ("hsplitlora-no-naa", [1e9, 1.5e9, 2e9, 2.5e9, 3e9])])
+def test_armscs_predicted_round_time_is_the_round_time_the_clock_charges(method, speeds):
+    """For NAA and for the zero-padding rule of the no-NAA ablation: the traffic ARMSC charges is the aggregator's."""
     overrides = {} if speeds is None else {"speeds": speeds, "server_speed": 5 * max(speeds), "bandwidth": 1e7}
-    cfg, fed, rows, client_rows = _first_round(**overrides)
+    cfg, fed, rows, client_rows = _first_round(method, **overrides)
     charged = rows[1]["sim_time_s"] - rows[0]["sim_time_s"]
     present = fed.present
     x = fed._plan_inputs()
@@ -41,7 +43,7 @@ def test_armscs_predicted_round_time_is_the_round_time_the_clock_charges(speeds)
     # and that is the time ARMSC minimised: its choice from the same inputs is the plan the round ran
     assert armsc_splits(x.config, x.specs, None, x.batch_size, x.seq_len, x.levels, x.dtype_bytes, x.headroom,
                         x.server_speed, x.round_costs, fed.clock.time) == splits
-    traffic = aggregation_bytes(fed.matrices, ranks, splits, x.round_costs.server_rank)
+    traffic = fed.method.aggregator.traffic(fed.matrices, ranks, splits, x.round_costs.server_rank)
     assert traffic == [r["adapter_up"] + r["adapter_down"] for r in client_rows if r["round"] == 1]
 
 
@@ -61,3 +63,19 @@ def test_the_clock_state_round_trips_alone():
     other = Clock(clock.time)
     other.load_state_dict(clock.state_dict())
     assert other.seconds == 12.5 and other.state_dict() == {"seconds": 12.5}
+
+
+def test_one_planning_computes_each_clients_device_ranks_once(monkeypatch):
+    """The split search fills the problem's device ranks; the rank plan that follows reuses them."""
+    from hsplit_nb import planner
+    cfg = ExperimentConfig(**CPU_SCALE, methods=["hsplitlora"])
+    fed = _Run(cfg, "hsplitlora", load_splits(cfg), None).fed
+    x = fed._plan_inputs()
+    built = []
+    real = planner.ClientMemory
+    monkeypatch.setattr(planner, "ClientMemory", lambda *a: built.append(a[2]) or real(*a))
+    splits = fed.method.split.choose(x)
+    searched = len(built)
+    fed.method.ranks.choose(x, splits)
+    assert searched > 0 and len(built) == searched
+    assert len(built) == len(set(x.problem._ranks))  # one per (client, split) evaluated

@@ -148,22 +148,26 @@ class AggregationRound:
             if c.present:
                 ledger.add(c.name, "adapter_up", cb["up"])
                 ledger.add(c.name, "adapter_down", cb["down"])
-        if not agg.merges:
-            for a, f in zip(names, out.factors):
-                if f is not None:
-                    write_adapter(self.pm, m.name, f[0], f[1], a)
-            if out.global_delta is not None:
-                self.global_deltas[m.name] = out.global_delta
-            return
+        self._apply(m, out, names)
+        extra = agg.hosting_download(out.merge.rank if out.merge is not None else 0, m.d_in, m.d_out)
+        for c in present:  # a client hosting the layer without an adapter there still merges
+            if c not in holders and c.hosts(m.layer) and extra:
+                ledger.add(c.name, "adapter_down", extra)
+
+    def _apply(self, m, out, names: list[str]) -> None:
+        """One matrix's aggregate: factors written back, the global model's delta kept, the merge folded in;
+        under a merging rule every holder restarts."""
+        for a, f in zip(names, out.factors):
+            if f is not None:
+                write_adapter(self.pm, m.name, f[0], f[1], a)
+        if out.global_delta is not None:
+            self.global_deltas[m.name] = out.global_delta
         if out.merge is not None:
             self.merge(m.name, out.merge)
-        for a in names:
-            self.restart(m.name, a)
-            self.last_reset[a] = self.generation
-        rank_sum = out.merge.rank if out.merge is not None else 0
-        for c in present:  # a client hosting the layer without an adapter there still merges
-            if c not in holders and c.hosts(m.layer) and rank_sum:
-                ledger.add(c.name, "adapter_down", rank_sum * (m.d_in + m.d_out) * 4)
+        if self.aggregator.merges:
+            for a in names:
+                self.restart(m.name, a)
+                self.last_reset[a] = self.generation
 
     def merge(self, name: str, stacked: Stacked) -> None:
         """Fold B_cat A_cat into the frozen weight; the clients hosting it get the factors at the boundary."""
@@ -198,25 +202,23 @@ class AggregationRound:
                          blocks=[self.replica.block_tensors(layer) for layer in grown])
 
     def apply_message(self, c: Client) -> Apply:
-        merging, has = self.aggregator.merges, self._has_device_adapter(c)
-        return Apply(restart=has and merging, generation=self.generation,
+        restart, factors = self.aggregator.share(self._has_device_adapter(c))
+        return Apply(restart=restart, generation=self.generation,
                      merges=[(n, st.B, st.A) for n, st in self.merges if c.hosts(layer_of(n))],
-                     factors=self.replica.factors(c.name, c.device_layers) if has and not merging else {})
+                     factors=self.replica.factors(c.name, c.device_layers) if factors else {})
 
     def catch_up_bytes(self, c: Client) -> int:
         """What a returning client downloads: the merged weights of its device-side matrices that have been
         merged into and, for non-merging aggregators, its device-side adapter factors."""
         device = [m for m in self.matrices if c.hosts(m.layer)]
-        merged = sum(m.d_in * m.d_out * self.p for m in device if m.name in self.touched)
-        if self.aggregator.merges:
-            return merged
-        return merged + sum(c.ranks.get(m.name, 0) * m.rank1_cost * 4 for m in device)
+        return self.aggregator.return_bytes(sum(m.d_in * m.d_out * self.p for m in device if m.name in self.touched),
+                                            sum(c.ranks.get(m.name, 0) * m.rank1_cost * 4 for m in device))
 
     def catch_up_message(self, c: Client) -> CatchUp:
-        merging, has = self.aggregator.merges, self._has_device_adapter(c)
-        return CatchUp(restart=has and merging, generation=self.last_reset.get(c.name, self.generation),
+        restart, factors = self.aggregator.share(self._has_device_adapter(c))
+        return CatchUp(restart=restart, generation=self.last_reset.get(c.name, self.generation),
                        weights=self._device_weights(c),
-                       factors=self.replica.factors(c.name, c.device_layers) if has and not merging else {})
+                       factors=self.replica.factors(c.name, c.device_layers) if factors else {})
 
     def sync_message(self, c: Client, optimizer) -> Sync:
         """Everything client c held at a checkpoint, for a resumed run."""

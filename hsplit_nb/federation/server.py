@@ -164,8 +164,8 @@ class MainServer:
         with the server's shared copy counted at the top rank level (an approximation when a smaller
         `server_adapter_budget` lowers its ranks; see docs/method.md)."""
         calibrations = self.cfg.local_steps / self.cfg.iwi_interval if self.tracker is not None else 0.0
-        return RoundCosts(self.cfg.local_steps, calibrations,
-                          self.cfg.top_rank if self.method.server.shared else 0)
+        return RoundCosts(self.cfg.local_steps, calibrations, self.cfg.top_rank if self.method.server.shared else 0,
+                          self.method.aggregator)
 
     def _plan(self) -> dict[str, tuple[int, dict[str, int]]]:
         """Split point and ranks per present client, by the method's policies (importance once IWI has it)."""
