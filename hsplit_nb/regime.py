@@ -16,10 +16,12 @@ from tqdm.auto import tqdm
 
 from . import planner
 from .adapters import layer_of
+from .aggregation import AGGREGATORS
 from .costs import FLOPS_PER_BUDGET_BYTE, ClientSpec, dtype_bytes
 from .latency import RoundCosts, TimeModel, round_seconds, step_latency
 
 METHODS = ("hsplitlora", "splitlora")
+SPLITLORA_AGGREGATOR = "fedavg"  # SplitLoRA's rule in the method table (a test holds them equal)
 
 
 @dataclass(frozen=True)
@@ -80,7 +82,8 @@ def _point(b: _Budgets, server_ratio: float, bandwidth: float, local_steps: int)
                              fx.headroom)
     s_ranks = [planner.every_matrix(fx.config, r)] * len(specs)
     rows = [_row(b, "hsplitlora", h_splits, h_ranks, specs, server, h_costs),
-            _row(b, "splitlora", [s] * len(specs), s_ranks, specs, server, RoundCosts(local_steps, 0.0, r))]
+            _row(b, "splitlora", [s] * len(specs), s_ranks, specs, server,
+                 RoundCosts(local_steps, 0.0, r, AGGREGATORS[SPLITLORA_AGGREGATOR]))]
     point = {"server_ratio": server_ratio, "server_flops": server, "bandwidth": bandwidth, "local_steps": local_steps}
     rows = [{**point, **x} for x in rows]
     ratio = rows[0]["round_s"] / rows[1]["round_s"]

@@ -91,3 +91,12 @@ def test_every_method_has_its_own_colour_and_the_curves_use_it():
     assert colours == {"hsplitlora": method_color("hsplitlora"), "flexlora": method_color("flexlora")}
     assert colours["hsplitlora"] != colours["flexlora"]
     matplotlib.pyplot.close(fig)
+
+
+def test_each_method_is_priced_with_its_own_aggregators_traffic():
+    """The map prices SplitLoRA's round with the rule the method table gives it (FedAvg sends each client its own
+    factors), not with NAA's stacked factors."""
+    from hsplit_nb.aggregation import AGGREGATORS
+    from hsplit_nb.regime import SPLITLORA_AGGREGATOR
+    assert METHODS["splitlora"].aggregator is AGGREGATORS[SPLITLORA_AGGREGATOR]
+    assert METHODS["hsplitlora"].aggregator is AGGREGATORS["naa"]
