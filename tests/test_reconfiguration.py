@@ -91,7 +91,7 @@ def test_a_server_side_change_restarts_only_the_matrices_that_changed_and_moves_
     ranks = dataclasses.replace(fed.method.ranks, server=lambda x, r, side: {
         **real(x, r, side), **{n: 8 for n in lowered}})
     fed.method = dataclasses.replace(fed.method, ranks=ranks)
-    fed.pending = ["a test's reason"]
+    fed.calibrator.pending = ["a test's reason"]
     fed.begin_round(2)
     for n in old:
         f = read_adapter(fed.pm, n, SERVER_ADAPTER)

@@ -8,11 +8,11 @@ from .clients import Client, next_indices
 from .divergence import Diverged
 from .clock import Clock
 from .ledger import BYTE_KINDS, Ledger
-from .local import LocalClient, in_process, unsplit_step
+from .local import LocalClient, unsplit_step
 from .messages import VOCABULARY, ClientStages, Message
 from .proxy import ClientProxy, InProcess
 from .replica import Replica
-from .server import MainServer, NoClientFits
+from .server import MainServer, NoClientFits, in_process
 
 __all__ = ["BYTE_KINDS", "CENTRAL_ADAPTER", "SERVER_ADAPTER", "VOCABULARY", "CentralTraining", "Client", "ClientProxy",
            "ClientStages", "Clock", "Diverged", "InProcess", "Ledger", "LocalClient", "MainServer", "Message",

@@ -17,7 +17,6 @@ from .messages import (
     Optimizer, OptimizerState, Scores, Smashed, Step, Sync, Upload,
 )
 from .optimizers import factor_params
-from .proxy import InProcess
 from .replica import Replica
 
 
@@ -195,9 +194,3 @@ class LocalClient(ClientStages):
                             for m in side_matrices(unwrap(pm).config, s, "client")},
                 "adapters": {n: read_adapter(pm, n, self.name) for n in adapter_names(pm, self.name)} if has else {}}
 
-
-def in_process(server) -> dict[str, InProcess]:
-    """The simulation's transport: every client of a main server in this process, sharing the server's replica."""
-    return {c.name: InProcess(LocalClient(c, server.replica, server.data, server.collate, server.cfg,
-                                          server.method.splits, server.method.hetlora_lambda, shares_replica=True))
-            for c in server.clients}

@@ -1,11 +1,8 @@
-"""The main server: plans every client's split and ranks, runs the server-side stages, aggregates, keeps
-the clock and the byte ledger, evaluates and checkpoints. It talks to clients only through `ClientProxy`.
-
-In the simulation one frozen base model is shared by the server and every in-process client: each client has
-its own peft adapter (`c0`, ...) on its device side, the server one shared set (`server`) past the shallowest
-split, updated after each client's batch in `serve_order` (the per-client variant: a copy inside each client's
-adapter). The clock charges the device sides parallel time and the server its summed time.
-"""
+"""The main server: plans every client's split and ranks, runs the round loop and the server-side stages, and
+composes its parts (links to the clients, clock, calibrator, optimizers, aggregation round). In the simulation
+one frozen base model is shared by the server and every in-process client: each client has its own peft adapter
+(`c0`, ...) on its device side, the server one shared set (`server`) past the shallowest split, updated after
+each client's batch in `serve_order` (the per-client variant: a copy inside each client's adapter)."""
 from __future__ import annotations
 
 import time
@@ -28,12 +25,20 @@ from .calibration import Calibrator
 from .clients import Client, apply_events, next_indices
 from .clock import Clock
 from .ledger import Ledger
-from .local import in_process
+from .local import LocalClient
 from .messages import Away, Backward, BeginRound, Finish, OptimizerState, Open, Step
 from .optimizers import ServerOptimizers
 from .divergence import finite
 from .links import Links
+from .proxy import InProcess
 from .replica import Replica
+
+
+def in_process(server: "MainServer") -> dict[str, InProcess]:
+    """The simulation's transport: every client in this process, sharing the server's replica."""
+    return {c.name: InProcess(LocalClient(c, server.replica, server.data, server.collate, server.cfg,
+                                          server.method.splits, server.method.hetlora_lambda, shares_replica=True))
+            for c in server.clients}
 
 
 class NoClientFits(ValueError):
@@ -97,10 +102,6 @@ class MainServer:
     def pending(self) -> list[str]:
         """The IWI trigger's reasons to reconfigure, waiting for the next boundary."""
         return self.calibrator.pending
-
-    @pending.setter
-    def pending(self, reasons: list[str]) -> None:
-        self.calibrator.pending = reasons
 
     @property
     def present(self) -> list[Client]:
@@ -222,7 +223,7 @@ class MainServer:
         if self.calibrator.ready:
             self.tracker.configured(budgets, present_names)
         self.configured_state = (budgets, present_names)
-        self.pending = []
+        self.calibrator.pending = []
         self.reconfigurations += reconfiguration.record(self.round, cause, shift, own_before, own_after,
                                                         server_before, server_after, change)
         for c in present:
@@ -262,7 +263,7 @@ class MainServer:
                 downloads[name] = downloads.get(name, 0) + b
         elif reasons and self.configured_state is not None:
             self.configured_state = self._state_for_trigger()
-            self.pending = []
+            self.calibrator.pending = []
         for c in self.clients:
             if not c.present:
                 self.links.post(c, Away(r))  # keeps a client process's waits short
