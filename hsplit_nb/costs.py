@@ -94,8 +94,12 @@ def _activations(dims: Dims, by_layer: list[dict[str, int]], batch: int, seq: in
 
 def adapter_bytes(config, ranks, layers=None) -> int:
     """Adapter weight + grad + Adam moments (fp32) for the matrices in `layers` (default: all)."""
-    ranks = resolve_ranks(config, ranks)
-    return sum(ADAPTER_COPIES_BYTES * ranks.get(m.name, 0) * m.rank1_cost for m in candidate_matrices(config)
+    return matrices_adapter_bytes(candidate_matrices(config), resolve_ranks(config, ranks), layers)
+
+
+def matrices_adapter_bytes(matrices, ranks: dict[str, int], layers=None) -> int:
+    """`adapter_bytes` over candidate matrices already built, with ranks by matrix name."""
+    return sum(ADAPTER_COPIES_BYTES * ranks.get(m.name, 0) * m.rank1_cost for m in matrices
                if layers is None or m.layer in layers)
 
 

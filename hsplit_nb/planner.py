@@ -16,8 +16,8 @@ import torch
 
 from .adapters import Matrix, candidate_matrices, layer_of
 from .costs import (
-    ADAPTER_COPIES_BYTES, ClientMemory, ClientSpec, Dims, activation_bytes, adapter_bytes, client_memory,
-    default_server_speed, dtype_bytes, uniform_budget, weight_bytes,
+    ADAPTER_COPIES_BYTES, ClientMemory, ClientSpec, Dims, activation_bytes, adapter_bytes, default_server_speed,
+    dtype_bytes, matrices_adapter_bytes, uniform_budget, weight_bytes,
 )
 from .latency import RoundCosts, TimeModel
 
@@ -179,7 +179,8 @@ class Problem:
         def min_memory(s: int) -> int:
             top = max((m for m in self.matrices if m.layer < s), key=lambda m: (self.importance.get(m.name, 0.0),
                                                                                   -m.layer))
-            return client_memory(self.config, s, {top.name: self.levels[1]}, self.batch_size, self.seq_len, self.p)
+            mem = ClientMemory(self.config, self.dims, s, self.batch_size, self.seq_len, self.p)
+            return mem.total() + mem.extra(top, self.levels[1])[0]
 
         min_mem = {s: min_memory(s) for s in range(1, self.dims.n_layers)}
         out = []
@@ -252,7 +253,7 @@ class Problem:
         device = [self.device_ranks(k, s) for k, s in enumerate(splits)]
         if server_adapter_budget is None:
             richest = max(range(len(self.clients)), key=lambda k: self.clients[k].memory)
-            server_adapter_budget = adapter_bytes(self.config, device[richest][0])
+            server_adapter_budget = matrices_adapter_bytes(self.matrices, device[richest][0])
         timing = self.time.step(splits, self.clients)
         out = []
         for k, (c, s) in enumerate(zip(self.clients, splits)):
@@ -260,7 +261,7 @@ class Problem:
                                    server_adapter_budget)
             ranks = {**device[k][0], **server}
             out.append(ClientPlan(c.name, s, ranks, device[k][1], c.memory, timing["clients"][k],
-                                  adapter_bytes(self.config, ranks, range(s, self.dims.n_layers))))
+                                  matrices_adapter_bytes(self.matrices, ranks, range(s, self.dims.n_layers))))
         return Plan(out, timing["step"], timing["server"],
                     {"batch_size": self.batch_size, "seq_len": self.seq_len, "rank_levels": self.levels,
                      "dtype_bytes": self.p, "headroom": self.headroom, "server_speed": self.time.server_speed,

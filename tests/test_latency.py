@@ -66,16 +66,39 @@ def test_the_clock_state_round_trips_alone():
 
 
 def test_one_planning_computes_each_clients_device_ranks_once(monkeypatch):
-    """The split search fills the problem's device ranks; the rank plan that follows reuses them."""
+    """The split search fills the problem's device ranks; the rank plan that follows reuses them, computing no
+    client's memory model again."""
     from hsplit_nb import planner
     cfg = ExperimentConfig(**CPU_SCALE, methods=["hsplitlora"])
     fed = _Run(cfg, "hsplitlora", load_splits(cfg), None).fed
     x = fed._plan_inputs()
+    splits = fed.method.split.choose(x)
+    assert all((k, s) in x.problem._ranks for k, s in enumerate(splits))
     built = []
     real = planner.ClientMemory
     monkeypatch.setattr(planner, "ClientMemory", lambda *a: built.append(a[2]) or real(*a))
-    splits = fed.method.split.choose(x)
-    searched = len(built)
     fed.method.ranks.choose(x, splits)
-    assert searched > 0 and len(built) == searched
-    assert len(built) == len(set(x.problem._ranks))  # one per (client, split) evaluated
+    assert built == []
+
+
+def test_one_planning_builds_the_candidates_and_the_sizes_once(monkeypatch):
+    from hsplit_nb import adapters, costs, planner
+    cfg = ExperimentConfig(**CPU_SCALE, methods=["hsplitlora"])
+    fed = _Run(cfg, "hsplitlora", load_splits(cfg), None).fed
+    x = fed._plan_inputs()
+    counts = {"candidates": 0, "dims": 0}
+    real_candidates, real_dims = adapters.candidate_matrices, costs.Dims.of.__func__
+
+    def candidates(*a):
+        counts["candidates"] += 1
+        return real_candidates(*a)
+
+    def dims(cls, *a):
+        counts["dims"] += 1
+        return real_dims(cls, *a)
+
+    for module in (adapters, costs, planner):
+        monkeypatch.setattr(module, "candidate_matrices", candidates)
+    monkeypatch.setattr(costs.Dims, "of", classmethod(dims))
+    fed.method.ranks.choose(x, fed.method.split.choose(x))
+    assert counts == {"candidates": 1, "dims": 1}
