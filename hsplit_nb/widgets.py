@@ -121,10 +121,10 @@ def plot_replay(frame: pd.DataFrame, delta: float):
     return fig
 
 
-def planner_table(config, budgets_gb: list[float], rank_levels=DEFAULT_RANK_LEVELS, batch_size: int = 8,
+def planner_table(config, budgets: list[float], rank_levels=DEFAULT_RANK_LEVELS, batch_size: int = 8,
                   seq_len: int = 64, importance=None, dtype=torch.float32) -> pd.DataFrame:
-    """ARMSC's plan for clients with these budgets (GB): split points, ranks, predicted memory."""
-    clients = [ClientSpec(f"client{k}", b * 1e9) for k, b in enumerate(budgets_gb)]
+    """ARMSC's plan for clients with these budgets (bytes): split points, ranks, predicted memory."""
+    clients = [ClientSpec(f"client{k}", b) for k, b in enumerate(budgets)]
     return plan(config, clients, importance, batch_size, seq_len, tuple(rank_levels), dtype).frame()
 
 
@@ -307,18 +307,18 @@ def iwi_panel(history: list[dict[str, float]]) -> Panel:
     return Panel(controls, compute, render)
 
 
-def planner_panel(config, n_clients: int = 5, budgets_gb=None, batch_size: int = 8, seq_len: int = 64,
-                  max_gb: float = 2.0) -> Panel:
-    """Sliders for each client's budget (in MB when the largest is under 1 GB, so they never read 0.00), the rank
-    levels, batch and sequence length."""
+def planner_panel(config, n_clients: int = 5, budgets=None, batch_size: int = 8, seq_len: int = 64,
+                  max_budget: float = 2e9) -> Panel:
+    """Sliders for each client's budget (bytes in, shown in MB when the largest is under 1 GB so they never read
+    0.00, else in GB), the rank levels, batch and sequence length."""
     import ipywidgets as w
 
-    budgets_gb = budgets_gb or [max_gb * (0.2 + 0.15 * k) for k in range(n_clients)]
-    unit, name = (1e-3, "MB") if max_gb < 1 else (1.0, "GB")
-    top, step = max_gb / unit, max_gb / unit / 100
+    budgets = budgets or [max_budget * (0.2 + 0.15 * k) for k in range(n_clients)]
+    unit, name = (1e6, "MB") if max_budget < 1e9 else (1e9, "GB")
+    top, step = max_budget / unit, max_budget / unit / 100
     controls = {f"b{k}": w.FloatSlider(value=on_grid(b / unit, step, step), min=step, max=top, step=step,
                                        readout_format=".3g", description=f"client{k} {name}")
-                for k, b in enumerate(budgets_gb)}
+                for k, b in enumerate(budgets)}
     controls["rank_levels"] = w.SelectMultiple(options=[2, 4, 8, 16, 32, 64], value=(2, 4, 8, 16),
                                                description="ranks")
     controls["batch_size"] = w.IntSlider(value=batch_size, min=1, max=32, description="batch")

@@ -46,8 +46,8 @@ def test_iwi_panel_replays_with_new_settings():
 
 def test_planner_panel_updates_table_and_reports_bad_budgets(config):
     full = client_memory(config, 3, 16, 4, 64) / 1e9
-    panel = planner_panel(config, n_clients=3, budgets_gb=[full * 0.5, full * 0.7, full], batch_size=4, seq_len=64,
-                          max_gb=full * 2)
+    panel = planner_panel(config, n_clients=3, budgets=[full * 0.5e9, full * 0.7e9, full * 1e9], batch_size=4,
+                          seq_len=64, max_budget=full * 2e9)
     first = panel.result
     assert isinstance(first, pd.DataFrame) and len(first) == 3
     assert (first["memory_GB"] <= first["budget_GB"]).all()
@@ -98,7 +98,7 @@ def _png_pixels(bundle):
 @pytest.mark.parametrize("make, control, value", [
     (lambda cfg: split_panel(cfg, 4, 64), "split_point", 1),
     (lambda cfg: iwi_panel([{"a": 1.0, "b": 1.0}, {"a": 3.0, "b": 1.0}]), "delta", 0.5),
-    (lambda cfg: planner_panel(cfg, 2, [0.004, 0.006], 4, 64, max_gb=0.01), "b0", 8.0),
+    (lambda cfg: planner_panel(cfg, 2, [4e6, 6e6], 4, 64, max_budget=1e7), "b0", 8.0),
     (lambda cfg: naa_panel(3), "r0", 16),
 ])
 def test_panels_set_their_output_directly_with_a_drawn_figure_and_no_pyplot_state(config, make, control, value):
@@ -150,7 +150,7 @@ def test_plain_functions(config):
     scores = {m.name: float(m.layer) for m in candidate_matrices(config)}
     grid = importance_grid(scores, config)
     assert grid.shape == (4, 7) and grid.loc[3, "q"] == 3.0
-    assert len(planner_table(config, [1.0, 2.0], batch_size=2, seq_len=16)) == 2
+    assert len(planner_table(config, [1e9, 2e9], batch_size=2, seq_len=16)) == 2
     assert len(aggregation_errors([2, 0, 4], [1, 1, 1])) == 3
 
 
