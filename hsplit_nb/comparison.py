@@ -19,7 +19,7 @@ from pydantic import Field, model_validator
 from tqdm.auto import tqdm
 
 from .config import ExperimentConfig, NonNegativeInt, TypedConfig, _bad, preset
-from .io import atomic_write_json, read_mapping
+from .io import atomic_write_json, read_mapping, read_whole_csv
 from .methods import METHODS
 from .reporting import METRICS, add_times_to_targets, targets
 from .runfolder import RunFolderError
@@ -350,4 +350,4 @@ REPORT_TABLES = ("comparison", "comparison_summary", "comparison_claims", "compa
 def read_report(dest) -> dict[str, pd.DataFrame]:
     """The tables `write_report` wrote to `dest` (an empty dict when there are none), e.g. bench/results."""
     dest = Path(dest)
-    return {name: pd.read_csv(dest / f"{name}.csv") for name in REPORT_TABLES if (dest / f"{name}.csv").is_file()}
+    return {name: read_whole_csv(dest / f"{name}.csv") for name in REPORT_TABLES if (dest / f"{name}.csv").is_file()}

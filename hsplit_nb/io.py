@@ -28,6 +28,25 @@ def atomic_write_bytes(path, data: bytes) -> Path:
     return path
 
 
+def read_whole_csv(path):
+    """A CSV table that was written whole: it ends with a line break and every row has the header's fields;
+    otherwise (a file cut short or damaged) a ValueError names the file and the first bad line."""
+    import csv
+    import io
+
+    import pandas as pd
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    rows = list(csv.reader(io.StringIO(text)))
+    bad = [] if text.endswith("\n") and rows else [len(rows)]
+    bad += [k + 1 for k, row in enumerate(rows) if len(row) != len(rows[0])]
+    if bad:
+        raise ValueError(f"{path}: not a whole table (row {min(bad)} of {len(rows)} is cut short or has another "
+                         "number of fields than the header); it was damaged or is still being written; write the "
+                         "report again (--report-only)")
+    return pd.read_csv(io.StringIO(text))
+
+
 def atomic_write_text(path, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 

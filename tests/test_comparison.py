@@ -232,6 +232,19 @@ def test_the_report_writes_tables_and_figures_with_spreads(ran, tmp_path, capsys
     assert "4 runs" in capsys.readouterr().out
 
 
+
+@pytest.mark.parametrize("cut", [0.5, -1])
+def test_a_report_table_cut_short_is_refused_naming_it(ran, tmp_path, cut):
+    """A half-written comparison.csv (cut mid-row, or without its last line break) is not read back as a report."""
+    ccfg, out = ran
+    rep = tmp_path / "rep"
+    write_report(ccfg, out, rep)
+    path = rep / "comparison.csv"
+    text = path.read_text()
+    path.write_text(text[: int(len(text) * cut)] if cut > 0 else text[:cut])
+    with pytest.raises(ValueError, match=r"comparison\.csv: not a whole table \(row \d+ of \d+"):
+        read_report(rep)
+
 def test_a_method_no_client_can_train_is_a_result_in_the_report(tmp_path):
     """HetLoRA with strict memory where no budget holds the whole model: the run finishes as a note, counts as
     done (a resumed comparison does not retry it), and the report keeps it as a row with no PPL, drawn as
