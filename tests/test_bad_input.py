@@ -8,6 +8,7 @@ import math
 import re
 import shutil
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -369,3 +370,22 @@ def test_a_misspelt_notebook_parameter_is_refused_naming_the_defined_ones():
                                          r"batch_size, beta_max, calibrate_every, delta, lr, model, out_dir"):
         check_parameters("02_iwi", namespace)
     check_parameters("02_iwi", {"quick": 1, "steps": 3, "beta_max": 0.5, "In": [], "start": print})
+
+
+@pytest.mark.parametrize("notebook", sorted((Path(__file__).resolve().parent.parent / "notebooks").glob("*.ipynb")),
+                         ids=lambda p: p.stem)
+def test_papermill_reads_every_parameter_of_every_notebook_without_a_warning(notebook, caplog):
+    """papermill parses each parameters cell line by line (a line with two '=' is skipped with a warning, on every
+    run): it must find exactly the names the cell assigns."""
+    import json
+    import logging
+
+    from papermill.translators import PythonTranslator
+
+    from hsplit_nb.notebook import parameter_names
+
+    cell = next(c for c in json.loads(notebook.read_text())["cells"]
+                if "parameters" in c.get("metadata", {}).get("tags", []))
+    with caplog.at_level(logging.WARNING, logger="papermill"):
+        found = {p.name for p in PythonTranslator.inspect({"source": "".join(cell["source"])})}
+    assert caplog.records == [] and found == parameter_names(notebook)
