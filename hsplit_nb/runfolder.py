@@ -128,8 +128,9 @@ class RunFolder:
         return df.to_dict("records")
 
     def write(self, rows, client_rows, metrics, reconfigurations=()) -> None:
-        """Every result file, atomically (config.json first if training has just started)."""
-        if not self.recorded:
+        """Every result file, atomically (config.json first if training has just started, or again if the folder
+        was deleted under the run: what is written stays a folder that can be resumed)."""
+        if not self.recorded or not (self.path / "config.json").is_file():
             self.record()
         for name, data in zip(RESULT_FILES, (rows, client_rows, metrics, list(reconfigurations))):
             atomic_write_text(self.path / name, pd.DataFrame(data).to_csv(index=False))

@@ -278,6 +278,25 @@ def test_results_without_config_json_are_refused_and_a_folder_without_results_is
     assert set(df["method"]) == {"cenlora"} and json.loads((empty / "config.json").read_text())["lr"] == 0.003
 
 
+
+def test_an_output_folder_deleted_mid_run_is_written_whole_again_and_resumes(tmp_path):
+    """The folder vanishes after round 1 (a user's rm -r): round 2 writes it again with its config.json, every
+    row so far and a checkpoint, so the same command finds the run finished, with the uninterrupted numbers."""
+    cfg = ExperimentConfig(**{**QUICK, "rounds": 2, "final_metrics": False}, methods=["hsplitlora-no-iwi"])
+    out = tmp_path / "out"
+
+    def vanish(method, row):
+        if row["round"] == 1:
+            shutil.rmtree(out)
+
+    df = run_experiment(cfg, out_dir=out, progress=False, on_round=vanish, figures=False)
+    assert (out / "config.json").is_file() and (out / "fingerprint.json").is_file()
+    again = run_experiment(cfg, out_dir=out, progress=False, figures=False)
+    whole = run_experiment(cfg, out_dir=tmp_path / "whole", progress=False, figures=False)
+    cols = ["round", "val_ppl", "train_loss", "sim_time_s", "bytes_up"]
+    pd.testing.assert_frame_equal(again[cols], whole[cols], check_dtype=False)
+    pd.testing.assert_frame_equal(df[cols], whole[cols], check_dtype=False)
+
 @pytest.mark.parametrize("damage,match", [
     (lambda out: (out / "results.csv").write_bytes(b"\x00\x01garbage\xff"), r"results\.csv cannot be read as results"),
     (lambda out: (out / "results.csv").write_text("a,b\n1,2\n"), r"results\.csv does not hold results"),
