@@ -272,11 +272,9 @@ def main(argv=None) -> int:
         return 1
 
 
-def cli() -> None:
-    """The command line's process: SIGTERM and SIGHUP interrupt a command as Ctrl-C does (so its writes clean up
-    their temporary files and a launcher stops its processes), and an interrupted command ends at once (results are
-    written atomically, so nothing is lost), where a helper thread or child (METEOR's Java) would otherwise keep the
-    interpreter waiting."""
+def interrupt_on_signals() -> None:
+    """SIGTERM and SIGHUP interrupt this process as Ctrl-C does: a write in progress removes its temporary file,
+    a launcher stops its processes."""
     import signal
 
     def interrupt(signum, frame):
@@ -284,6 +282,13 @@ def cli() -> None:
 
     for s in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(s, interrupt)
+
+
+def cli() -> None:
+    """The command line's process (`interrupt_on_signals`); an interrupted command ends at once (results are
+    written atomically, so nothing is lost), where a helper thread or child (METEOR's Java) would otherwise keep the
+    interpreter waiting."""
+    interrupt_on_signals()
     code = main()
     if code == 130:
         sys.stdout.flush()

@@ -408,3 +408,25 @@ def test_papermill_reads_every_parameter_of_every_notebook_without_a_warning(not
     with caplog.at_level(logging.WARNING, logger="papermill"):
         found = {p.name for p in PythonTranslator.inspect({"source": "".join(cell["source"])})}
     assert caplog.records == [] and found == parameter_names(notebook)
+
+
+def test_sigterm_during_a_write_leaves_no_temporary_file(tmp_path):
+    """A real process killed (SIGTERM, as the command line handles it) while an atomic write is in progress: the
+    temporary `.NAME.<random>` file is removed and the target is the old file or none, never half of one."""
+    import signal
+    import subprocess
+    import sys
+
+    child = ("import sys\nfrom hsplit_nb.__main__ import interrupt_on_signals\nfrom hsplit_nb.io import "
+             "atomic_write_bytes\ninterrupt_on_signals()\ndata = b'x' * 300_000_000\n"
+             "while True:\n    atomic_write_bytes(sys.argv[1], data)\n")
+    target = tmp_path / "big.bin"
+    proc = subprocess.Popen([sys.executable, "-c", child, str(target)], stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(tmp_path.glob(".big.bin.*")):
+        time.sleep(0.005)
+    assert list(tmp_path.glob(".big.bin.*")), "the child never started a write"
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+    assert list(tmp_path.glob(".big.bin.*")) == []
+    assert not target.exists() or target.stat().st_size == 300_000_000
