@@ -110,7 +110,8 @@ class _Run:
                 mine = [x for x in rows if x["method"] == self.name]
                 mine_c = [x for x in client_rows if x["method"] == self.name]
                 buf = torch_bytes({"round": r, "state": self.fed.state(), "rows": mine, "client_rows": mine_c,
-                                 "method": self.name, "fingerprint": _setting(self.cfg)})
+                                   "method": self.name, "fingerprint": _setting(self.cfg),
+                                   "format": CHECKPOINT_FORMAT})
                 atomic_write_bytes(ckpt, buf)
             on_round(self.name, row)
 
@@ -123,6 +124,9 @@ class _Run:
                 "outputs": json.dumps(outputs)}
 
 
+CHECKPOINT_FORMAT = 2  # 2: the main server's state is its parts' states (issue 22); 1: before
+
+
 def _setting(cfg: ExperimentConfig) -> str:
     """The fingerprint a checkpoint records: the config's, where the data files lie left out (the run folder checks
     their contents before any checkpoint is read, and the same files under another path resume)."""
@@ -130,7 +134,7 @@ def _setting(cfg: ExperimentConfig) -> str:
 
 
 def _read_checkpoint(path: Path, method: str, fingerprint: str) -> dict:
-    """A checkpoint of this method and setting (one written before 2026-12-06 records neither and is taken)."""
+    """A checkpoint of this method and setting, in the state format this engine writes."""
     try:
         saved = torch.load(path, weights_only=False)
         if not {"round", "state", "rows", "client_rows"} <= set(saved):
@@ -138,6 +142,11 @@ def _read_checkpoint(path: Path, method: str, fingerprint: str) -> dict:
     except Exception as exc:  # torch.load raises many kinds on a truncated or foreign file
         raise RunFolderError(f"checkpoint {path} cannot be read ({exc.__class__.__name__}: {str(exc)[:120]}); "
                              f"delete it to start {method} again from round 0") from None
+    if saved.get("format", 1) != CHECKPOINT_FORMAT:
+        raise RunFolderError(f"checkpoint {path} holds state format {saved.get('format', 1)}, written by an older "
+                             f"engine; this one reads format {CHECKPOINT_FORMAT} (the server's parts' states, "
+                             f"2026-12-06). Finish the run with the commit that started it, or delete the checkpoint "
+                             f"to start {method} again from round 0")
     for key, want in (("method", method), ("fingerprint", fingerprint)):
         if saved.get(key, want) != want:
             raise RunFolderError(f"checkpoint {path} belongs to {key} {saved[key]!r}, not {want!r}; move it away or "

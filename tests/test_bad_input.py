@@ -368,6 +368,20 @@ def test_a_second_writer_is_refused_naming_the_holder_and_a_dead_holders_lock_is
     assert not (tmp_path / "held" / ".lock").exists() or (tmp_path / "held" / "results.csv").is_file()
 
 
+def test_a_checkpoint_in_an_older_state_format_is_refused_naming_it(tmp_path):
+    """A checkpoint written before the main server's state became its parts' states cannot be resumed by this
+    engine: refused by name before anything is read into the server."""
+    cfg = ExperimentConfig(**QUICK, methods=["hsplitlora-no-iwi"])
+    with pytest.raises(_Stop):
+        run_experiment(cfg, out_dir=tmp_path / "out", progress=False, on_round=_stop_after_round_1)
+    path = tmp_path / "out" / "checkpoints" / "hsplitlora-no-iwi.pt"
+    saved = torch.load(path, weights_only=False)
+    del saved["format"]
+    torch.save(saved, path)
+    with pytest.raises(RunFolderError, match=r"hsplitlora-no-iwi\.pt holds state format 1, written by an older "
+                                             r"engine; this one reads format 2"):
+        run_experiment(cfg, out_dir=tmp_path / "out", progress=False)
+
 def test_a_checkpoint_of_another_method_is_refused(tmp_path):
     cfg = ExperimentConfig(**QUICK, methods=["hsplitlora-no-iwi"])
     with pytest.raises(_Stop):
