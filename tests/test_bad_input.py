@@ -444,3 +444,37 @@ def test_sigterm_during_a_write_leaves_no_temporary_file(tmp_path):
     proc.wait(timeout=60)
     assert list(tmp_path.glob(".big.bin.*")) == []
     assert not target.exists() or target.stat().st_size == 300_000_000
+
+
+def test_ctrl_c_during_the_final_metrics_exits_at_once_and_the_restart_gives_the_same_results(tmp_path):
+    """A real `python -m hsplit_nb run`: SIGINT once its last round is written, while it computes the final
+    metrics, ends it within 10 s with the resume hint (exit 130); the same command then finishes, and its tables
+    equal an uninterrupted run's."""
+    import signal
+    import subprocess
+    import sys
+
+    cfg = tmp_path / "c.yaml"
+    fields = {**QUICK, "rounds": 1, "local_steps": 2, "eval_mrs": 6, "final_metrics": True, "num_beams": 2,
+              "max_new_tokens": 20, "methods": ["hsplitlora-no-iwi"]}
+    cfg.write_text(json.dumps(fields))
+    command = [sys.executable, "-m", "hsplit_nb", "run", "--config", str(cfg), "--out"]
+    proc = subprocess.Popen(command + [str(tmp_path / "out")], stderr=subprocess.PIPE, text=True,
+                            stdout=subprocess.DEVNULL)
+    results = tmp_path / "out" / "results.csv"
+    while not (results.is_file() and pd.read_csv(results)["round"].max() == 1):  # training done: metrics next
+        assert proc.poll() is None, "the run ended before its final metrics"
+        time.sleep(0.05)
+    metrics = tmp_path / "out" / "metrics.csv"
+    assert not metrics.is_file() or "hsplitlora-no-iwi" not in metrics.read_text()
+    sent = time.time()
+    proc.send_signal(signal.SIGINT)
+    rest = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 130 and time.time() - sent < 10
+    assert "interrupted; start the same command again" in rest
+    assert subprocess.run(command + [str(tmp_path / "out")], capture_output=True).returncode == 0
+    assert subprocess.run(command + [str(tmp_path / "whole")], capture_output=True).returncode == 0
+    for name in ("results.csv", "metrics.csv"):
+        again, whole = (pd.read_csv(tmp_path / d / name) for d in ("out", "whole"))
+        cols = [c for c in whole.columns if "wall" not in c]
+        pd.testing.assert_frame_equal(again[cols], whole[cols])
