@@ -290,3 +290,40 @@ def test_a_port_in_use_is_refused_before_any_process_starts(tmp_path):
         port = busy.getsockname()[1]
         with pytest.raises(ValueError, match=rf"port {port} is in use on 127\.0\.0\.1; choose another"):
             launch(cfg, tmp_path / "run", port=port, **TIMEOUTS)
+
+
+def test_a_hung_client_is_ended_after_its_timeout_and_no_process_of_the_run_outlives_it(tmp_path):
+    """c1's worker process is stopped (SIGSTOP) in round 2: after the step timeout the server records it lost and
+    either finishes with c0 or stops with an error naming the loss; either way no process of the run is left
+    (torchrun starts each worker in a session of its own, so the launcher must end a stopped one itself)."""
+    import signal
+    import threading
+    import time
+
+    cfg = ExperimentConfig(**{**BASE, "rounds": 3, "local_steps": 40}, methods=["hsplitlora-no-iwi"])  # rounds of
+    out = tmp_path / "run"                                                                              # seconds
+    groups: list[int] = []
+    run: set[int] = set()
+
+    def stop_c1():
+        progress = out / "progress.jsonl"
+        deadline = time.time() + 600
+        while time.time() < deadline and not (progress.is_file() and '"round": 1' in progress.read_text()):
+            time.sleep(0.02)
+        groups.extend(json.loads((out / "pids.json").read_text())["groups"])
+        run.update(_descendants(groups))
+        for pid in _descendants([groups[2]]) - {groups[2]}:  # rank 2 is c1: its worker, not its agent
+            os.kill(pid, signal.SIGSTOP)
+
+    stopper = threading.Thread(target=stop_c1, daemon=True)
+    stopper.start()
+    try:
+        df = launch(cfg, out, **{**TIMEOUTS, "step_timeout": 15})
+        rows = df.set_index("round")
+        assert "lost: c1" in rows.loc[2, "reasons"] and rows.loc[3, "present"] == 1
+    except RuntimeError as exc:
+        assert "c1" in str(exc) and "lost" in str(exc), exc
+    stopper.join(timeout=5)
+    assert len(groups) == 3 and len(run) >= 6
+    time.sleep(1)
+    assert [p for p in run if _alive(p)] == []

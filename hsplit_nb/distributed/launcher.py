@@ -169,9 +169,29 @@ def _progress(out: Path, bar, seen: int) -> int:
     return len(lines)
 
 
+def _descendants(pids) -> set[int]:
+    """Every process below the given ones (Linux /proc; empty elsewhere)."""
+    parent = {}
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        try:
+            parent[int(entry)] = int(open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+    found, frontier = set(), list(pids)
+    while frontier:
+        p = frontier.pop()
+        kids = [c for c, pp in parent.items() if pp == p and c not in found]
+        found |= set(kids)
+        frontier += kids
+    return found
+
+
 def _stop(procs) -> None:
     """Stop every torchrun agent still running. After a fault the agents wait on an exit barrier for the
-    dead one (300 s, inside a C++ call that defers SIGTERM), so SIGKILL follows after 2 s."""
+    dead one (300 s, inside a C++ call that defers SIGTERM), so SIGKILL follows after 2 s. torchrun starts each
+    worker in a session of its own, so a worker that cannot act on its agent's SIGTERM (a stopped, hung client)
+    would outlive it: whatever is left below the agents is continued and killed."""
+    workers = _descendants([p.pid for p, _ in procs])
     for p, _ in procs:
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGTERM)
@@ -183,6 +203,12 @@ def _stop(procs) -> None:
             os.killpg(p.pid, signal.SIGKILL)
             p.wait()
         log.close()
+    for pid in workers:
+        for sig in (signal.SIGCONT, signal.SIGKILL):
+            try:
+                os.kill(pid, sig)
+            except (ProcessLookupError, PermissionError):
+                break
 
 
 def _tail(path: Path, n: int = 40) -> str:
