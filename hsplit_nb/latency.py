@@ -77,9 +77,10 @@ class TimeModel:
         server = self.server(splits, self.server_speed_for(server_specs or specs), f)
         return {"step": max(max(clients, default=0.0), server), "server": server, "clients": clients}
 
-    def whole_model_step(self, spec, factor: float = 1.0) -> float:
-        """A step of the whole model on one machine (a client of a no-split method, or the server alone)."""
-        return factor * (self.n_layers * self.block_flops + self.head_flops) / spec
+    def whole_model_step(self, speed: float, factor: float = 1.0) -> float:
+        """A step of the whole model on one machine of `speed` FLOP/s (a client of a no-split method, or the server
+        alone)."""
+        return factor * (self.n_layers * self.block_flops + self.head_flops) / speed
 
     @staticmethod
     def transfer(bytes_and_bandwidths) -> float:

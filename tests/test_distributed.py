@@ -11,6 +11,7 @@ import torch
 from conftest import preset_fields
 from hsplit_nb.adapters import base_weight, read_adapter
 from hsplit_nb.distributed import DONE_FILE, launch, wire_bytes, worker_main
+from hsplit_nb.distributed.launcher import _descendants as launcher_descendants
 from hsplit_nb.clientdata import load_splits
 from hsplit_nb.config import ExperimentConfig
 from hsplit_nb.experiment import _Run
@@ -212,22 +213,8 @@ def test_the_command_line_writes_the_same_results_csv_as_the_in_process_runner(t
 
 
 def _descendants(roots) -> set[int]:
-    """Every live process below the given pids (from /proc), the roots included."""
-    parent = {}
-    for stat in os.listdir("/proc"):
-        if stat.isdigit():
-            try:
-                fields = open(f"/proc/{stat}/stat").read().rsplit(")", 1)[1].split()
-                parent[int(stat)] = int(fields[1])
-            except (OSError, IndexError, ValueError):
-                continue
-    found, frontier = set(roots), list(roots)
-    while frontier:
-        p = frontier.pop()
-        kids = [c for c, pp in parent.items() if pp == p and c not in found]
-        found |= set(kids)
-        frontier += kids
-    return found
+    """Every live process below the given pids, the roots included (the launcher's own walk of /proc)."""
+    return set(roots) | launcher_descendants(roots)
 
 
 def _alive(pid: int) -> bool:
